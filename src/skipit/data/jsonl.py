@@ -1,0 +1,80 @@
+"""Load VQA / captioning records from JSONL: one object per line with at least "id", "image" and
+"question"; "answer" and "caption" are needed only by the tasks that score them. Relative image paths
+are resolved against the JSONL file's folder.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image
+
+from skipit.errors import SkipitError
+
+REQUIRED = ("id", "image", "question")
+
+
+@dataclass
+class Record:
+    id: str
+    image: Path
+    question: str
+    answer: str | None = None
+    caption: str | None = None
+    extra: dict = field(default_factory=dict)
+
+    def load_image(self) -> Image.Image:
+        try:
+            with Image.open(self.image) as im:
+                return im.convert("RGB")
+        except FileNotFoundError:
+            raise SkipitError(f"record {self.id!r}: image file {self.image} does not exist") from None
+        except Exception as e:  # PIL raises several types for corrupt files
+            raise SkipitError(f"record {self.id!r}: cannot read image {self.image} ({type(e).__name__})") from None
+
+
+def resolve(path: str | Path) -> Path:
+    """A JSONL file, or a folder holding `data.jsonl`."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "data.jsonl"
+    if not p.is_file():
+        raise SkipitError(f"no data at {path}: give a JSONL file or a folder containing data.jsonl")
+    return p
+
+
+def load_records(path: str | Path, limit: int | None = None, check_images: bool = True) -> list[Record]:
+    """Parse and validate a JSONL data file; errors name the line (and record) to fix."""
+    p = resolve(path)
+    records: list[Record] = []
+    with p.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise SkipitError(f"{p}:{lineno}: not valid JSON ({e.msg})") from None
+            if not isinstance(obj, dict):
+                raise SkipitError(f"{p}:{lineno}: each line must be a JSON object")
+            missing = [k for k in REQUIRED if k not in obj]
+            if missing:
+                raise SkipitError(f"{p}:{lineno}: record lacks {', '.join(missing)}")
+            rec = Record(
+                id=str(obj["id"]),
+                image=(p.parent / obj["image"]).resolve(),
+                question=str(obj["question"]),
+                answer=None if obj.get("answer") is None else str(obj["answer"]),
+                caption=obj.get("caption"),
+                extra={k: v for k, v in obj.items() if k not in (*REQUIRED, "answer", "caption")},
+            )
+            if check_images and not rec.image.is_file():
+                raise SkipitError(f"{p}:{lineno}: record {rec.id!r}: image file {rec.image} does not exist")
+            records.append(rec)
+            if limit is not None and len(records) >= limit:
+                break
+    if not records:
+        raise SkipitError(f"{p} holds no records")
+    return records

@@ -1,0 +1,145 @@
+"""Assemble mini-llava: DINOv2 ViT-S/14 -> LLaVA MLP projector -> SmolLM2-135M-Instruct, as a genuine
+`transformers.LlavaForConditionalGeneration` written once in Hugging Face format.
+
+Every later command loads the result with `from_pretrained(path)`, the same code path as a hub checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    BitImageProcessorPil,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+)
+
+from skipit.demo import weights
+from skipit.demo.dinov2_onnx import convert as convert_dinov2
+from skipit.errors import SkipitError
+
+VERSION = "1"  # bump when the assembled model changes, so stale caches are rebuilt
+IMAGE_SIZE = 112  # 8 x 8 patches of 14 px -> 64 vision tokens
+IMAGE_TOKEN = "<image>"
+PROJECTOR_FILE = Path(__file__).with_name("projector.safetensors")
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+# SmolLM2's own chat template, extended to LLaVA-style content lists with an image entry.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\\n' }}"
+    "{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}{{ '<image>\\n' }}{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}"
+    "{{ '<|im_end|>\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("SKIPIT_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "skipit"
+    return Path(root)
+
+
+def default_model_path() -> Path:
+    return cache_dir() / f"mini-llava-v{VERSION}"
+
+
+def build_processor(tokenizer) -> LlavaProcessor:
+    image_processor = BitImageProcessorPil(  # PIL backend: torchvision has no CPU wheel here
+        do_resize=True,
+        size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+        resample=3,  # bicubic
+        do_center_crop=False,
+        do_rescale=True,
+        do_normalize=True,
+        image_mean=list(IMAGENET_MEAN),
+        image_std=list(IMAGENET_STD),
+        do_convert_rgb=True,
+    )
+    tokenizer.padding_side = "left"  # batched generation
+    return LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=14,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,  # DINOv2's CLS token, dropped by the "default" strategy
+        chat_template=CHAT_TEMPLATE,
+        image_token=IMAGE_TOKEN,
+    )
+
+
+def assemble(projector_state: dict[str, torch.Tensor] | None = None):
+    """Build (model, processor) in memory from the packaged parts; projector randomly initialised if None."""
+    gguf = weights.smollm2_gguf()
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+    lm = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    lm.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    vision = convert_dinov2(weights.dinov2_onnx())
+
+    text_cfg = lm.config.to_dict()
+    text_cfg.pop("quantization_config", None)
+    text_cfg.pop("_name_or_path", None)
+    text_cfg.pop("_model_name_or_path", None)
+    text_config = LlamaConfig(**{k: v for k, v in text_cfg.items() if k not in ("model_type", "transformers_version")})
+    config = LlavaConfig(
+        vision_config=vision.config,
+        text_config=text_config,
+        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        image_seq_length=(IMAGE_SIZE // 14) ** 2,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    model = LlavaForConditionalGeneration(config)
+    model.model.vision_tower.load_state_dict(vision.state_dict())
+    model.model.language_model.load_state_dict(lm.model.state_dict())
+    model.lm_head.load_state_dict(lm.lm_head.state_dict())
+    if projector_state is not None:
+        model.model.multi_modal_projector.load_state_dict(projector_state)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return model.eval(), build_processor(tokenizer)
+
+
+def build(out: str | Path | None = None, projector: str | Path = PROJECTOR_FILE) -> Path:
+    """Write mini-llava (model + processor) to `out`, atomically: a temp dir renamed into place."""
+    out = Path(out) if out else default_model_path()
+    if not Path(projector).is_file():
+        raise SkipitError(f"projector weights {projector} not found; train them with `skipit train-projector`")
+    model, processor = assemble(load_file(str(projector)))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
+    try:
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def ensure_built() -> Path:
+    """Path of the cached mini-llava, building it on first use."""
+    path = default_model_path()
+    if not (path / "config.json").is_file():
+        build(path)
+    return path

@@ -1,0 +1,56 @@
+"""Load a supported model and its processor from a local folder (or a hub id, where the user has a hub)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from skipit.errors import SkipitError
+
+# model_type -> family; the adapters (one per family) are the only code that knows more.
+VLM_FAMILIES = {
+    "llava": "LLaVA",
+    "llava_next": "LLaVA-NeXT",
+    "qwen2_vl": "Qwen2-VL",
+    "qwen2_5_vl": "Qwen2.5-VL",
+    "idefics3": "Idefics3 (SmolVLM)",
+}
+CAUSAL_LM_TYPES = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "smollm3"}
+
+
+def supported_families() -> str:
+    return ", ".join([*VLM_FAMILIES.values(), "causal LMs (" + ", ".join(sorted(CAUSAL_LM_TYPES)) + ")"])
+
+
+def _config(path: str):
+    from transformers import AutoConfig
+
+    local = Path(path)
+    if not local.exists() and (path.startswith((".", "/", "~")) or path.count("/") > 1):
+        raise SkipitError(f"model path {path} does not exist: give a folder saved with save_pretrained() or a hub id")
+    if local.exists() and not (local / "config.json").is_file():
+        raise SkipitError(f"{path} has no config.json: give a folder saved with save_pretrained()")
+    try:
+        return AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SkipitError(f"cannot load model {path!r}: {first}") from None
+
+
+def load(path: str | Path, dtype=None):
+    """(model, processor) in eval mode; processor is a tokenizer for text-only causal LMs."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
+
+    path = str(path)
+    config = _config(path)
+    kind = getattr(config, "model_type", None)
+    dtype = dtype or torch.float32
+    if kind in VLM_FAMILIES:
+        model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype)
+        processor = AutoProcessor.from_pretrained(path)
+    elif kind in CAUSAL_LM_TYPES:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        processor = AutoTokenizer.from_pretrained(path)
+    else:
+        raise SkipitError(f"model type {kind!r} is not supported; supported families: {supported_families()}")
+    return model.eval(), processor
