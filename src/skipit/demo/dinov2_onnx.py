@@ -47,7 +47,7 @@ def _onnx_tensors(path: Path) -> dict[str, np.ndarray]:
     init = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
     tensors = {k[len(PREFIX):]: v for k, v in init.items() if k.startswith(PREFIX)}
     for node in graph.node:
-        # e.g. "/backbone/encoder/layer.0/attention/attention/query/MatMul" -> "encoder.layer.0.attention.attention.query"
+        # "/backbone/encoder/layer.0/attention/attention/query/MatMul" -> "encoder.layer.0.attention.attention.query"
         if node.op_type == "MatMul" and node.input[1] in init and node.name.startswith("/backbone/"):
             module = node.name[len("/backbone/"):-len("/MatMul")].replace("/", ".")
             tensors[module + ".weight"] = init[node.input[1]].T

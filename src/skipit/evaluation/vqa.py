@@ -11,7 +11,8 @@ from PIL import Image
 
 # LLaVA-1.5's short-answer instruction, used for training mini-llava and for every VQA evaluation.
 ANSWER_INSTRUCTION = "Answer the question using a single word or phrase."
-_NUMBERS = {w: str(i) for i, w in enumerate(["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"])}
+_NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"]
+_NUMBERS = {w: str(i) for i, w in enumerate(_NUMBER_WORDS)}
 _ARTICLES = {"a", "an", "the"}
 
 
