@@ -128,6 +128,13 @@ def ask(objs: list[Obj], qtype: str, rng: random.Random) -> tuple[str, str] | No
     return None
 
 
+def scene_questions(objs: list[Obj], rng: random.Random) -> list[tuple[str, str, str]]:
+    """Every question type the scene can pose, as (question, answer, type), in random order."""
+    out = [(*qa, t) for t in QUESTION_TYPES if (qa := ask(objs, t, rng)) is not None]
+    rng.shuffle(out)
+    return out
+
+
 def generate_records(split: str, n: int, seed: int = 0):
     """Yield `(image, record)` pairs; one question per image, question types in rotation."""
     if split not in SPLITS:

@@ -30,7 +30,9 @@ from skipit.errors import SkipitError
 VERSION = "1"  # bump when the assembled model changes, so stale caches are rebuilt
 IMAGE_SIZE = 112  # 8 x 8 patches of 14 px -> 64 vision tokens
 IMAGE_TOKEN = "<image>"
-PROJECTOR_FILE = Path(__file__).with_name("projector.safetensors")
+# The trained parts: the projector, and LoRA factors merged into the language model's attention projections.
+TRAINED_FILE = Path(__file__).with_name("mini_llava_trained.safetensors")
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 # SmolLM2's own chat template, extended to LLaVA-style content lists with an image entry.
 CHAT_TEMPLATE = (
@@ -58,10 +60,10 @@ def default_model_path() -> Path:
     return cache_dir() / f"mini-llava-v{VERSION}"
 
 
-def build_processor(tokenizer) -> LlavaProcessor:
+def build_processor(tokenizer, image_size: int = IMAGE_SIZE) -> LlavaProcessor:
     image_processor = BitImageProcessorPil(  # PIL backend: torchvision has no CPU wheel here
         do_resize=True,
-        size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+        size={"height": image_size, "width": image_size},
         resample=3,  # bicubic
         do_center_crop=False,
         do_rescale=True,
@@ -71,6 +73,7 @@ def build_processor(tokenizer) -> LlavaProcessor:
         do_convert_rgb=True,
     )
     tokenizer.padding_side = "left"  # batched generation
+    tokenizer.init_kwargs["padding_side"] = "left"  # so that save_pretrained records it
     return LlavaProcessor(
         image_processor=image_processor,
         tokenizer=tokenizer,
@@ -82,8 +85,12 @@ def build_processor(tokenizer) -> LlavaProcessor:
     )
 
 
-def assemble(projector_state: dict[str, torch.Tensor] | None = None):
-    """Build (model, processor) in memory from the packaged parts; projector randomly initialised if None."""
+def assemble(trained: dict[str, torch.Tensor] | None = None):
+    """Build (model, processor) in memory from the packaged parts and the trained weights.
+
+    `trained` holds `multi_modal_projector.*` tensors and `lora.<module>.A/B` factors (scale folded into B),
+    merged as W += B @ A. With None the projector keeps its random initialisation (the start of training).
+    """
     gguf = weights.smollm2_gguf()
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
@@ -111,19 +118,32 @@ def assemble(projector_state: dict[str, torch.Tensor] | None = None):
     model.model.vision_tower.load_state_dict(vision.state_dict())
     model.model.language_model.load_state_dict(lm.model.state_dict())
     model.lm_head.load_state_dict(lm.lm_head.state_dict())
-    if projector_state is not None:
-        model.model.multi_modal_projector.load_state_dict(projector_state)
+    if trained is not None:
+        load_trained(model, trained)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     return model.eval(), build_processor(tokenizer)
 
 
-def build(out: str | Path | None = None, projector: str | Path = PROJECTOR_FILE) -> Path:
+def load_trained(model: LlavaForConditionalGeneration, trained: dict[str, torch.Tensor]) -> None:
+    """Load the projector and merge the LoRA factors into the language model: W += B @ A."""
+    prefix = "multi_modal_projector."
+    model.model.multi_modal_projector.load_state_dict(
+        {k[len(prefix):]: v.float() for k, v in trained.items() if k.startswith(prefix)}
+    )
+    lm = model.model.language_model
+    with torch.no_grad():
+        for key in (k for k in trained if k.startswith("lora.") and k.endswith(".A")):
+            module = key[len("lora."):-len(".A")]
+            lm.get_submodule(module).weight += trained[key[:-2] + ".B"].float() @ trained[key].float()
+
+
+def build(out: str | Path | None = None, trained: str | Path = TRAINED_FILE) -> Path:
     """Write mini-llava (model + processor) to `out`, atomically: a temp dir renamed into place."""
     out = Path(out) if out else default_model_path()
-    if not Path(projector).is_file():
-        raise SkipitError(f"projector weights {projector} not found; train them with `skipit train-projector`")
-    model, processor = assemble(load_file(str(projector)))
+    if not Path(trained).is_file():
+        raise SkipitError(f"trained weights {trained} not found; make them with `skipit train-mini-llava`")
+    model, processor = assemble(load_file(str(trained)))
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
     try:

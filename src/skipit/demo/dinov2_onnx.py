@@ -77,5 +77,5 @@ def convert(onnx_path: str | Path) -> Dinov2Model:
             raise ValueError(f"{onnx_path}: {k} has shape {tensors[k].shape}, expected {tuple(state[k].shape)}")
     for k in NOT_IN_EXPORT:
         tensors[k] = state[k].numpy()
-    model.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(tensors[k])) for k in state})
+    model.load_state_dict({k: torch.from_numpy(np.array(tensors[k])) for k in state})  # copy: ONNX arrays are read-only
     return model.eval()

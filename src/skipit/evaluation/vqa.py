@@ -9,6 +9,8 @@ from collections.abc import Callable, Sequence
 import torch
 from PIL import Image
 
+from skipit.errors import SkipitError
+
 # LLaVA-1.5's short-answer instruction, used for training mini-llava and for every VQA evaluation.
 ANSWER_INSTRUCTION = "Answer the question using a single word or phrase."
 _NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"]
@@ -47,7 +49,8 @@ def answer(
 ) -> list[str]:
     """Greedy answers for one batch (left padding, so every row continues from its last prompt token)."""
     texts = [prompt_text(processor, q) for q in questions]
-    inputs = processor(images=list(images), text=texts, return_tensors="pt", padding=True)
+    # left padding whatever the saved tokenizer says: generation continues from each row's last token
+    inputs = processor(images=list(images), text=texts, return_tensors="pt", padding=True, padding_side="left")
     out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
     new = out[:, inputs["input_ids"].shape[1]:]
     return [s.strip() for s in processor.batch_decode(new, skip_special_tokens=True)]
@@ -66,6 +69,9 @@ def evaluate(
     `blind=True` replaces every image with a blank one of the same size: what the model gets right then,
     it gets right without looking.
     """
+    unscored = [r.id for r in records if r.answer is None]
+    if unscored:
+        raise SkipitError(f"{len(unscored)} records have no \"answer\" to score (first: {unscored[0]!r})")
     predictions = []
     for start in range(0, len(records), batch_size):
         batch = records[start:start + batch_size]

@@ -1,0 +1,129 @@
+"""What the skipping engine needs to know about a model family, and nothing more.
+
+Every adapter answers the same questions about the *language backbone* of a model: where its decoder layers are,
+its final norm and LM head, and which token positions hold vision tokens. Positions need no per-family code: in
+transformers 5 each decoder layer receives `position_embeddings = (cos, sin)` already resolved per token, shaped
+`(batch or 1, seq, head_dim)`; that holds for Qwen2-VL's 3-D M-RoPE too, whose sections are recombined inside its
+rotary module (`models/qwen2_vl/modeling_qwen2_vl.py`, `Qwen2VLRotaryEmbedding.forward`). Slicing cos/sin along
+the token axis therefore keeps every token's original position, and `take_positions` is the one place to override
+for a family that lays them out differently.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+from torch import nn
+
+from skipit.errors import SkipitError
+
+# Attention classes whose keys and values skipit computes by itself (pre-attention norm, k/v projections, rotary on
+# the keys, as their forward does), so that frozen vision tokens cost the k and v projections only; any other class
+# runs its whole attention on them and the output is thrown away.
+KEYS_VALUES_ONLY = frozenset({"LlamaAttention", "Qwen2VLAttention", "Qwen2_5_VLAttention"})
+
+
+class Adapter:
+    family = "causal LM"
+    # Forward arguments that carry pixels: image-token ids count as vision tokens only in a call that carries them
+    # (or their encoding, which generate() computes up front and passes as `mm_encoder_outputs`), so an image-token
+    # id the model happens to generate later is treated as text, as transformers itself does.
+    pixel_inputs: tuple[str, ...] = ()
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    @property
+    def backbone(self) -> nn.Module:
+        """The text decoder module that owns `layers` and `norm`."""
+        return self.model.model
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.backbone.layers
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def final_norm(self) -> nn.Module:
+        return self.backbone.norm
+
+    @property
+    def lm_head(self) -> nn.Module:
+        return self.model.lm_head
+
+    @property
+    def attn_implementation(self) -> str:
+        return self.backbone.config._attn_implementation
+
+    @property
+    def hidden_size(self) -> int:
+        return self.backbone.config.hidden_size
+
+    def set_attn_implementation(self, implementation: str) -> str:
+        """Switch the language backbone (only) to `implementation` through transformers' own
+        `set_attn_implementation`; returns the previous one, to restore."""
+        previous, text_config = self.attn_implementation, self.backbone.config
+        if text_config is self.model.config:
+            self.model.set_attn_implementation(implementation)
+        else:
+            keys = [k for k in self.model.config.sub_configs if getattr(self.model.config, k, None) is text_config]
+            if not keys:
+                raise SkipitError(f"cannot find the text backbone's config in {type(self.model).__name__}'s config")
+            self.model.set_attn_implementation({keys[0]: implementation})
+        return previous
+
+    def vision_token_ids(self) -> list[int]:
+        return []
+
+    def vision_mask(self, input_ids: torch.Tensor | None, inputs: dict) -> torch.Tensor | None:
+        """(batch, seq) bool, True at vision tokens; None when this call holds none."""
+        ids = self.vision_token_ids()
+        encoded = inputs.get("mm_encoder_outputs") or {}
+        if not ids or not (
+            any(inputs.get(name) is not None for name in self.pixel_inputs)
+            or any(v is not None for v in encoded.values())
+        ):
+            return None
+        if input_ids is None:
+            raise SkipitError(
+                "a skip plan needs input_ids to find the vision tokens: pass input_ids, not inputs_embeds"
+            )
+        return torch.isin(input_ids, torch.tensor(ids, device=input_ids.device))
+
+    @staticmethod
+    def take_positions(position_embeddings, index: torch.Tensor):
+        """Keep the rotary (cos, sin) of the tokens at `index` (batch, n): their original positions."""
+        rows = torch.arange(index.shape[0], device=index.device)[:, None]
+        return tuple(t.expand(index.shape[0], *t.shape[1:])[rows, index] for t in position_embeddings)
+
+    @staticmethod
+    def attention_parts(layer: nn.Module) -> tuple[nn.Module, nn.Module]:
+        """(pre-attention norm, self-attention) of a decoder layer: enough to cache keys/values of frozen tokens."""
+        try:
+            return layer.input_layernorm, layer.self_attn
+        except AttributeError:
+            raise SkipitError(
+                f"{type(layer).__name__} has no input_layernorm/self_attn, so late entry 'frozen' cannot run on it: "
+                "use late_entry_mode 'absent'"
+            ) from None
+
+    def cache_keys_values(self, layer: nn.Module, hidden: torch.Tensor, kwargs: dict) -> None:
+        """Write the keys/values of `hidden` (tokens that keep their states) to the layer's cache.
+
+        `kwargs` are the layer's: `past_key_values` (the cache) and `position_embeddings` of exactly these tokens.
+        """
+        norm, attention = self.attention_parts(layer)
+        x = norm(hidden)
+        if type(attention).__name__ not in KEYS_VALUES_ONLY:
+            attention(hidden_states=x, **kwargs)
+            return
+        shape = (*x.shape[:-1], -1, attention.head_dim)
+        keys = attention.k_proj(x).view(shape).transpose(1, 2)
+        values = attention.v_proj(x).view(shape).transpose(1, 2)
+        rotary = sys.modules[type(attention).__module__].apply_rotary_pos_emb
+        _, keys = rotary(keys[:, :0], keys, *kwargs["position_embeddings"])  # no queries needed
+        kwargs["past_key_values"].update(keys, values, attention.layer_idx)

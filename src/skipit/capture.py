@@ -1,0 +1,225 @@
+"""Hooks that stream a model's hidden states (and, during calibration, attention weights) into skipit's
+accumulators. No transformers code is copied or patched: PyTorch forward hooks on the decoder layers, found
+through the family adapter, read what the unmodified forward computes.
+
+Named hook points (decoder layers 0..L-1, layer j maps X_j to X_{j+1}):
+- `layers.0.resid_pre`: forward pre-hook on layer 0, X_0 (the input embeddings, vision features included);
+- `layers.{j}.resid_post`: forward hook on layer j, X_{j+1}: the raw residual stream, before the final norm;
+- `layers.{j}.attn_weights`: forward hook on layer j's attention module, its weights [B, H, Q, K]. Attention
+  modules return weights only under eager attention, so a `Calibrator` switches the language backbone to eager
+  while it is open and restores the previous implementation on exit (inference keeps SDPA).
+
+Modalities: `vision` = the adapter's vision positions, `text` = every other real token of the prompt; padding (the
+attention mask's zeros) is in neither. Text queries for VAR are the prompt's text tokens: no continuation is
+generated. The answer position is each row's last real token (the last prompt token).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from skipit.adapters import get_adapter
+from skipit.errors import SkipitError
+from skipit.functional_stats import FunctionalStats
+from skipit.measures.functional import kl_from_logits, tv_from_logits
+from skipit.stats import AttentionStats, LayerStats, StatsConfig
+
+MODALITIES = ("vision", "text")
+
+
+def _first(output):
+    return output[0] if isinstance(output, tuple) else output
+
+
+@contextmanager
+def hooks(
+    model: nn.Module,
+    on_hidden: Callable[[int, torch.Tensor], None],
+    on_attention: Callable[[int, torch.Tensor], None] | None = None,
+) -> Iterator[dict]:
+    """Install the named hooks: on_hidden(i, X_i) for i = 0..L, on_attention(j, weights) for layer j.
+
+    Yields {name: handle}; everything is removed on exit. Attention weights arrive only under eager attention.
+    """
+    adapter = get_adapter(model)
+    layers = adapter.layers
+
+    def pre(module, args, kwargs):
+        on_hidden(0, args[0] if args else kwargs["hidden_states"])
+
+    handles = {"layers.0.resid_pre": layers[0].register_forward_pre_hook(pre, with_kwargs=True)}
+    try:
+        for j, layer in enumerate(layers):
+            handles[f"layers.{j}.resid_post"] = layer.register_forward_hook(
+                lambda module, args, output, j=j: on_hidden(j + 1, _first(output)))
+            if on_attention is not None:
+                attention = adapter.attention_parts(layer)[1]
+                handles[f"layers.{j}.attn_weights"] = attention.register_forward_hook(
+                    lambda module, args, output, j=j: on_attention(j, output[1]) if output[1] is not None else None)
+        yield handles
+    finally:
+        for handle in handles.values():
+            handle.remove()
+
+
+def _skip_update(mask: torch.Tensor):
+    """Forward hook that undoes a layer's update for the tokens in mask [B, T]: they leave with their input state."""
+
+    def hook(module, args, kwargs, output):
+        x = args[0] if args else kwargs["hidden_states"]
+        y = torch.where(mask[..., None].to(x.device), x, _first(output))
+        return (y, *output[1:]) if isinstance(output, tuple) else y
+
+    return hook
+
+
+def answer_index(valid: torch.Tensor) -> torch.Tensor:
+    """Index [B] of each row's last real token (left or right padding)."""
+    t = valid.shape[1]
+    return t - 1 - valid.flip(1).long().argmax(1)
+
+
+class Calibrator:
+    """Feeds batches through the model with hooks and streams every measure's statistics.
+
+    `layer_stats` (geometric, proximal, informational, CKA), `attention_stats` (VAR: text queries on vision keys),
+    `functional_stats` (logit lens; with ablation=True, ablation KL and the Lipschitz pairs: one more forward per
+    layer and modality). Use as a context manager: hooks and eager attention are in place only inside it.
+    logit_lens=False leaves the logit lens out (its LM-head projections are the costliest cheap measure).
+    """
+
+    def __init__(self, model: nn.Module, config: StatsConfig | None = None, ablation: bool = False,
+                 attention: bool = True, logit_lens: bool = True):
+        from skipit.skipping import applied_plan
+
+        if applied_plan(model) is not None:
+            raise SkipitError("remove the skip plan (skipit.remove_plan) before measuring the model")
+        self.model, self.adapter, self.attention, self.logit_lens = model, get_adapter(model), attention, logit_lens
+        self.config = config or StatsConfig()
+        n_layers = self.adapter.num_layers
+        self.layer_stats = LayerStats(n_layers, self.adapter.hidden_size, MODALITIES, self.config)
+        self.attention_stats = AttentionStats(n_layers, ("text",), "vision", self.config) if attention else None
+        self.functional_stats = FunctionalStats(n_layers, MODALITIES, self.config, ablation)
+        self._batch: dict | None = None
+        self._stack = None
+
+    # -- hooks
+
+    def __enter__(self) -> Calibrator:
+        self._previous = self.adapter.set_attn_implementation("eager") if self.attention else None
+        self._hooks = hooks(self.model, self._on_hidden, self._on_attention if self.attention else None)
+        try:
+            self._hooks.__enter__()
+        except BaseException:
+            self._restore()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            self._hooks.__exit__(*exc)
+        finally:
+            self._restore()
+
+    def _restore(self) -> None:
+        if self._previous is not None:
+            self.adapter.set_attn_implementation(self._previous)
+
+    def _on_hidden(self, i: int, x: torch.Tensor) -> None:
+        batch = self._batch
+        if batch is None:  # a forward outside update(), or an ablation pass: nothing to record
+            return
+        # NaN and inf survive a sum over the hidden size: one cheap [B, T] check instead of a [B, T, D] one
+        bad = ~torch.isfinite(x.sum(-1)) & batch["valid"].to(x.device)
+        if bad.any():
+            example = batch["ids"][int(bad.nonzero()[0, 0])]
+            where = "the input embeddings" if i == 0 else f"the output of decoder layer {i - 1}"
+            raise SkipitError(f"hidden state X_{i} ({where}) has NaN or inf values for example {example!r}")
+        batch["hidden"][i] = x.detach()
+
+    def _on_attention(self, j: int, weights: torch.Tensor) -> None:
+        batch = self._batch
+        if batch is not None:
+            self.attention_stats.update(batch["ids"], j, weights.detach(), batch["masks"], batch["valid"])
+
+    # -- one batch
+
+    def masks(self, inputs: dict) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """({modality: bool [B, T]}, valid [B, T]) of a batch of model inputs."""
+        input_ids = inputs.get("input_ids")
+        if input_ids is None:
+            raise SkipitError("measuring needs input_ids (to find the vision tokens), not inputs_embeds")
+        mask = inputs.get("attention_mask")
+        valid = torch.ones_like(input_ids, dtype=torch.bool) if mask is None else mask.bool()
+        vision = self.adapter.vision_mask(input_ids, inputs)
+        vision = torch.zeros_like(valid) if vision is None else vision.bool() & valid
+        return {"vision": vision.cpu(), "text": (valid & ~vision).cpu()}, valid.cpu()
+
+    def _forward(self, inputs: dict, answer: torch.Tensor) -> torch.Tensor:
+        """The model's logits [B, V] at the answer positions (only the last column is computed when it holds
+        every answer)."""
+        last = bool((answer == inputs["input_ids"].shape[1] - 1).all())
+        logits = self.model(**inputs, use_cache=False, logits_to_keep=1 if last else 0).logits
+        rows = torch.arange(len(answer))
+        return logits[:, -1] if last else logits[rows, answer.to(logits.device)]
+
+    @torch.no_grad()
+    def update(self, inputs: dict, example_ids: Sequence) -> None:
+        """Run one batch (the processor's output) and add it to every statistic."""
+        ids = list(example_ids)
+        masks, valid = self.masks(inputs)
+        answer = answer_index(valid)
+        self._batch = {"ids": ids, "masks": masks, "valid": valid, "hidden": [None] * (self.adapter.num_layers + 1)}
+        try:
+            reference = self._forward(inputs, answer)
+            hidden = self._batch["hidden"]
+        finally:
+            self._batch = None
+        if any(h is None for h in hidden):
+            raise SkipitError("the forward pass did not run every decoder layer; cannot measure it")
+        self.layer_stats.update(ids, hidden, masks, valid)
+        if self.logit_lens:
+            self._logit_lens(ids, hidden, answer)
+        if self.functional_stats.ablation:
+            self._ablate(inputs, ids, hidden, masks, answer, reference)
+
+    def _lens_logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.adapter.lm_head(self.adapter.final_norm(x))
+
+    def _logit_lens(self, ids: list, hidden: list[torch.Tensor], answer: torch.Tensor) -> None:
+        """KL(P_{j+1} || P_j) and TV between the head's distributions read at X_{j+1} and X_j (what reading X_j
+        instead loses), at the answer position; float64 log-probabilities, each computed once."""
+        rows = torch.arange(len(ids))
+        states = torch.stack([h[rows, answer.to(h.device)] for h in hidden])  # [L + 1, B, D]
+        kl, tv, prev = [], [], None
+        for chunk in states.split(8):  # one head matmul per 8 layers reads the head's weights once, not per layer
+            for logits in self._lens_logits(chunk):
+                logp = torch.log_softmax(logits.double(), -1)
+                p = logp.exp()
+                if prev is not None:
+                    kl.append((p * (logp - prev[0])).sum(-1).clamp_min(0.0).cpu())
+                    tv.append((0.5 * (p - prev[1]).abs().sum(-1)).cpu())
+                prev = logp, p
+        self.functional_stats.update_lens(ids, torch.stack(kl, 1), torch.stack(tv, 1))
+
+    def _ablate(self, inputs, ids, hidden, masks, answer, reference) -> None:
+        for j, layer in enumerate(self.adapter.layers):
+            for m in MODALITIES:
+                mask = masks[m]
+                present = mask.any(1)
+                if not present.any():
+                    continue
+                handle = layer.register_forward_hook(_skip_update(mask), with_kwargs=True)
+                try:
+                    ablated = self._forward(inputs, answer)
+                finally:
+                    handle.remove()
+                dev = hidden[j].device
+                update = (hidden[j + 1] - hidden[j]).double() * mask[..., None].to(dev)
+                self.functional_stats.update_ablation(
+                    ids, j, m, kl_from_logits(reference, ablated), tv_from_logits(reference, ablated),
+                    update.pow(2).sum((1, 2)).sqrt(), present)

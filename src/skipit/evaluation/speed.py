@@ -1,0 +1,280 @@
+"""Speed and memory of a model with and without skip plans, next to the FLOPs that predict them.
+
+For each configuration (None: the untouched model, or a `Plan`) one run measures:
+- the prefill: one forward over the prompt that fills the cache and gives the first token's logits, with the vision
+  features computed beforehand (so the time is the language backbone's, the part a plan changes, as in `flops`);
+- decoding: `generate()` with a clock in its logits processors, giving the time to the first token (vision encoder
+  excluded, as above) and the mean time of a decode step (one new token per row);
+- the KV cache: bytes held by the cache tensors after generation, and the process' peak memory (CUDA: peak
+  allocated; CPU: peak resident set, reset before each run).
+Configurations are measured round-robin (order reversed every other round) and summarised by medians of ratios to
+the untouched run of the same round: machines are shared and noisy, so only side-by-side ratios mean anything.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import resource
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image, UnidentifiedImageError
+from transformers import LogitsProcessor, LogitsProcessorList
+
+from skipit.adapters import get_adapter
+from skipit.errors import SkipitError
+from skipit.flops import Shape, cost
+from skipit.plan import Plan
+from skipit.skipping import apply_plan, remove_plan
+
+
+def load_image(path: str | Path) -> Image.Image:
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except FileNotFoundError:
+        raise SkipitError(f"image file {path} does not exist") from None
+    except (UnidentifiedImageError, OSError) as e:
+        raise SkipitError(f"cannot read image {path}: {e}") from None
+
+
+def chat_inputs(processor, images: list[Image.Image], prompts: list[str]) -> dict:
+    """Processor inputs for one image + one prompt per row, through the processor's chat template (left padding)."""
+    texts = [
+        processor.apply_chat_template(
+            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": p}]}],
+            add_generation_prompt=True, tokenize=False,
+        )  # fmt: skip
+        for p in prompts
+    ]
+    return dict(processor(images=images, text=texts, return_tensors="pt", padding=True))
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def encode_images(model, inputs: dict) -> tuple[dict, float]:
+    """`inputs` with the pixels replaced by the vision encoder's output (what generate() computes before the
+    prefill), and the seconds the encoder took. Models without pre-encoding keep their pixels (and time 0)."""
+    supports = getattr(model, "_supports_mm_encoder_outputs", None)
+    modalities = set(getattr(model, "input_modalities", ())) & {"image", "video"}
+    if supports is None or not supports() or not modalities:
+        return dict(inputs), 0.0
+    device = model.device
+    _sync(device)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        encoded = model._prepare_multimodal_encoder_kwargs_for_generation(dict(inputs))
+    _sync(device)
+    return encoded, time.perf_counter() - start
+
+
+class _PeakMemory:
+    """Peak memory over a block: CUDA peak allocated, or on CPU the peak resident set (Linux resets it per block)."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.peak = device, 0
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            with contextlib.suppress(OSError):  # if so, the peak is the process' lifetime peak
+                Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM, the peak resident set
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            self.peak = torch.cuda.max_memory_allocated(self.device)
+            return
+        try:
+            self.peak = int(re.search(r"VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text())[1]) * 1024
+        except (OSError, TypeError):
+            self.peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class _Clock(LogitsProcessor):
+    """Records when each step's logits are ready."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.times = device, []
+
+    def __call__(self, input_ids, scores):
+        _sync(self.device)
+        self.times.append(time.perf_counter())
+        return scores
+
+
+def cache_bytes(cache) -> int:
+    """Bytes held by the keys and values of a transformers cache (layers that cached nothing hold none)."""
+    total = 0
+    for layer in getattr(cache, "layers", []):
+        if getattr(layer, "is_initialized", False):
+            total += layer.keys.nbytes + layer.values.nbytes
+    return total
+
+
+@dataclass
+class Run:
+    batch: int
+    prefill_s: float  # one forward over the prompts, vision features precomputed
+    first_token_s: float  # generate() until the first token, vision features precomputed
+    decode_s: float  # mean seconds per decode step (one token per row)
+    kv_bytes: int  # cache after generation: prompts + (new_tokens - 1) tokens
+    peak_bytes: int
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.batch / self.decode_s if self.decode_s else float("nan")
+
+
+@torch.inference_mode()
+def measure(model, encoded: dict, plan: Plan | None = None, new_tokens: int = 16) -> Run:
+    """One run of `model` (with `plan` applied for the run, if any) on inputs from `encode_images`."""
+    if new_tokens < 2:
+        raise SkipitError("measuring decode speed needs at least 2 new tokens")
+    device = model.device
+    if plan is not None:
+        apply_plan(model, plan)
+    try:
+        with _PeakMemory(device) as peak:
+            _sync(device)
+            start = time.perf_counter()
+            model(**encoded, use_cache=True, logits_to_keep=1)
+            _sync(device)
+            prefill = time.perf_counter() - start
+            clock = _Clock(device)
+            start = time.perf_counter()
+            out = model.generate(
+                **encoded, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                logits_processor=LogitsProcessorList([clock]), return_dict_in_generate=True,
+            )  # fmt: skip
+    finally:
+        if plan is not None:
+            remove_plan(model)
+    t = clock.times
+    return Run(
+        batch=encoded["input_ids"].shape[0],
+        prefill_s=prefill,
+        first_token_s=t[0] - start,
+        decode_s=(t[-1] - t[0]) / (len(t) - 1),
+        kv_bytes=cache_bytes(out.past_key_values),
+        peak_bytes=peak.peak,
+    )
+
+
+def compare(
+    model,
+    encoded: dict,
+    configs: dict[str, Plan | None],
+    new_tokens: int = 16,
+    repeats: int = 5,
+    warmup: int = 1,
+    on_run: Callable[[str], None] | None = None,
+) -> dict[str, list[Run]]:
+    """Runs of every configuration, round-robin, `warmup` rounds discarded; the order flips every other round."""
+    runs: dict[str, list[Run]] = {name: [] for name in configs}
+    names = list(configs)
+    for r in range(warmup + repeats):
+        for name in names if r % 2 == 0 else names[::-1]:
+            run = measure(model, encoded, configs[name], new_tokens)
+            if r >= warmup:
+                runs[name].append(run)
+            if on_run:
+                on_run(name)
+    return runs
+
+
+def prompt_costs(model, encoded: dict, plan: Plan | None, new_tokens: int):
+    """Analytical cost of the batch under `plan`, summed over rows (each row's real tokens only)."""
+    shape = Shape.from_model(model)
+    ids = encoded["input_ids"]
+    vision = get_adapter(model).vision_mask(ids, encoded)
+    vision = torch.zeros_like(ids, dtype=torch.bool) if vision is None else vision.cpu()
+    real = encoded.get("attention_mask", torch.ones_like(ids)).bool().cpu()
+    value_bytes = next(model.parameters()).element_size()
+    rows = [cost(shape, plan, vision[b][real[b]].tolist(), new_tokens - 1, bytes_per_value=value_bytes)
+            for b in range(ids.shape[0])]  # fmt: skip
+    return {
+        "prefill": sum(c.prefill for c in rows),
+        "decode": sum(c.decode_mean for c in rows),
+        "kv_bytes": sum(c.kv_bytes for c in rows),
+    }
+
+
+def _median_ratio(a: list[Run], b: list[Run], key: Callable[[Run], float]) -> float:
+    return statistics.median(key(x) / key(y) for x, y in zip(a, b, strict=True))
+
+
+def speed_rows(
+    model, encoded: dict, configs: dict[str, Plan | None], runs: dict[str, list[Run]], new_tokens: int,
+    baseline: str = "untouched",
+) -> list[dict]:  # fmt: skip
+    """One row per configuration: medians, measured and ideal (FLOPs) ratios to `baseline`."""
+    base_runs = runs[baseline]
+    base = prompt_costs(model, encoded, configs[baseline], new_tokens)
+    rows = []
+    for name, plan in configs.items():
+        mine, c = runs[name], prompt_costs(model, encoded, plan, new_tokens)
+        prefill_speedup = _median_ratio(base_runs, mine, lambda r: r.prefill_s)
+        ideal_prefill = base["prefill"] / c["prefill"]
+        rows.append({
+            "config": name,
+            "prefill_ms": 1e3 * statistics.median(r.prefill_s for r in mine),
+            "first_token_ms": 1e3 * statistics.median(r.first_token_s for r in mine),
+            "prefill_speedup": prefill_speedup,
+            "ideal_prefill_speedup": ideal_prefill,
+            "ratio_to_ideal": prefill_speedup / ideal_prefill,
+            "tokens_per_s": statistics.median(r.tokens_per_s for r in mine),
+            "decode_speedup": _median_ratio(base_runs, mine, lambda r: r.decode_s),
+            "ideal_decode_speedup": base["decode"] / c["decode"],
+            "kv_mib": statistics.median(r.kv_bytes for r in mine) / 2**20,
+            "kv_ratio": statistics.median(r.kv_bytes for r in mine) / statistics.median(r.kv_bytes for r in base_runs),
+            "ideal_kv_ratio": c["kv_bytes"] / base["kv_bytes"],
+            "peak_mib": statistics.median(r.peak_bytes for r in mine) / 2**20,
+            "prefill_gflops": c["prefill"] / 1e9,
+        })  # fmt: skip
+    return rows
+
+
+COLUMNS = [  # (key, header, format)
+    ("config", "plan", "{}"),
+    ("prefill_ms", "prefill ms", "{:.1f}"),
+    ("prefill_speedup", "prefill speed-up", "{:.2f}"),
+    ("ideal_prefill_speedup", "ideal (FLOPs)", "{:.2f}"),
+    ("ratio_to_ideal", "measured / ideal", "{:.2f}"),
+    ("first_token_ms", "1st token ms", "{:.1f}"),
+    ("tokens_per_s", "decode tok/s", "{:.1f}"),
+    ("decode_speedup", "decode speed-up", "{:.2f}"),
+    ("ideal_decode_speedup", "ideal decode (FLOPs)", "{:.2f}"),
+    ("kv_mib", "KV MiB", "{:.2f}"),
+    ("kv_ratio", "KV ratio", "{:.2f}"),
+    ("ideal_kv_ratio", "ideal KV", "{:.2f}"),
+    ("peak_mib", "peak MiB", "{:.0f}"),
+    ("prefill_gflops", "prefill GFLOPs", "{:.2f}"),
+]
+
+
+def format_cells(row: dict) -> list[str]:
+    return [fmt.format(row[key]) for key, _, fmt in COLUMNS]
+
+
+def markdown_table(rows: list[dict]) -> str:
+    lines = ["| " + " | ".join(h for _, h, _ in COLUMNS) + " |", "|---" + "|---:" * (len(COLUMNS) - 1) + "|"]
+    lines += ["| " + " | ".join(format_cells(r)) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def overhead(rows: list[dict], empty: str = "empty plan") -> dict[str, float] | None:
+    """Slow-down of the empty plan against the untouched model (0.01 = 1 % slower), if both were measured."""
+    row = next((r for r in rows if r["config"] == empty), None)
+    if row is None:
+        return None
+    return {"prefill": 1 / row["prefill_speedup"] - 1, "decode": 1 / row["decode_speedup"] - 1}

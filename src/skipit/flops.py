@@ -1,0 +1,162 @@
+"""Analytical cost of the language backbone under a skip plan: FLOPs and KV-cache bytes.
+
+The "ideal speed-up" of a plan is `cost(empty plan) / cost(plan)`: what a perfect implementation would gain.
+Counted, per token a layer processes (2 FLOPs per multiply-add):
+- attention projections: q and o (hidden x heads*head_dim each), k and v (hidden x kv_heads*head_dim each);
+- attention scores and the weighted sum: 2 * heads * head_dim multiply-adds per (query, key) pair it attends to
+  (causal: a query attends to the layer's keys at or before its own position);
+- the gated MLP (gate, up, down: 3 * hidden * intermediate), as in every family skipit supports;
+- the LM head (hidden x vocab) for the tokens whose logits are computed (generate(): the last one).
+Norms, rotary, softmax and activations (a few per element, not per weight) are left out, and so is the vision
+encoder, which a skip plan does not touch. Per layer role (see `skipit.plan`): `all` processes every token;
+`absent` only text tokens, which see only text keys; `frozen` text tokens fully, and vision tokens through the
+k and v projections only (they are keys/values, not updated); `skip` nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from torch import nn
+
+from skipit.plan import ABSENT, ALL, FROZEN, SKIP, Plan
+
+
+@dataclass(frozen=True)
+class Shape:
+    """The dimensions of a language backbone that its cost depends on."""
+
+    num_layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    vocab: int
+
+    @classmethod
+    def from_config(cls, config) -> Shape:
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        heads = text.num_attention_heads
+        return cls(
+            num_layers=text.num_hidden_layers,
+            hidden=text.hidden_size,
+            heads=heads,
+            kv_heads=getattr(text, "num_key_value_heads", None) or heads,
+            head_dim=getattr(text, "head_dim", None) or text.hidden_size // heads,
+            intermediate=text.intermediate_size,
+            vocab=text.vocab_size,
+        )
+
+    @classmethod
+    def from_model(cls, model: nn.Module) -> Shape:
+        return cls.from_config(model.config)
+
+    @property
+    def kv_width(self) -> int:
+        return self.kv_heads * self.head_dim
+
+    @property
+    def token_macs(self) -> int:
+        """Multiply-adds of one layer for one token, attention scores excluded."""
+        h, q = self.hidden, self.heads * self.head_dim
+        return 2 * h * q + 2 * h * self.kv_width + 3 * h * self.intermediate
+
+    @property
+    def pair_macs(self) -> int:
+        """Multiply-adds per (query, key) pair: scores and weighted sum."""
+        return 2 * self.heads * self.head_dim
+
+
+@dataclass
+class Cost:
+    """Cost of one prompt (per row; multiply by the batch size) followed by `decode_steps` single-token steps."""
+
+    prefill: float  # FLOPs, LM head included for `logits` tokens
+    decode: list[float]  # FLOPs of each decode step, LM head included
+    prefill_layers: list[float]  # FLOPs of each layer in the prefill
+    prefill_scores: float  # the part of `prefill` spent on attention scores and weighted sums
+    kv_tokens: list[int]  # per layer: tokens in its cache after the prefill and the decode steps
+    kv_bytes: int  # sum over layers: keys + values
+
+    @property
+    def decode_mean(self) -> float:
+        return sum(self.decode) / len(self.decode) if self.decode else 0.0
+
+    @property
+    def total(self) -> float:
+        return self.prefill + sum(self.decode)
+
+
+def roles_of(plan: Plan | Sequence[str] | None, num_layers: int) -> list[str]:
+    if plan is None:
+        return [ALL] * num_layers
+    roles = plan.roles() if isinstance(plan, Plan) else list(plan)
+    if len(roles) != num_layers:
+        raise ValueError(f"the plan has {len(roles)} layers, the model {num_layers}")
+    return roles
+
+
+def cost(
+    shape: Shape,
+    plan: Plan | Sequence[str] | None,
+    vision: Sequence[bool],
+    decode_steps: int = 0,
+    logits: int = 1,
+    bytes_per_value: int = 2,
+) -> Cost:
+    """Cost of the prompt whose tokens are vision (True) or text (False), in order, under `plan` (None: untouched).
+
+    `bytes_per_value`: 2 for bfloat16/float16 caches, 4 for float32.
+    """
+    roles = roles_of(plan, shape.num_layers)
+    vision = [bool(v) for v in vision]
+    n, n_vision = len(vision), sum(vision)
+    n_text = n - n_vision
+    # causal pairs: every query sees every key at or before it, among the tokens the layer keeps
+    pairs = {
+        ALL: n * (n + 1) // 2,
+        ABSENT: n_text * (n_text + 1) // 2,
+        FROZEN: sum(i + 1 for i, v in enumerate(vision) if not v),  # text queries, all keys
+    }
+    keys = {ALL: n, ABSENT: n_text, FROZEN: n, SKIP: 0}
+    kv_macs = shape.hidden * shape.kv_width * 2
+    layers, scores = [], 0.0
+    for role in roles:
+        if role == SKIP:
+            layers.append(0.0)
+            continue
+        queries = n if role == ALL else n_text
+        scores += 2.0 * pairs[role] * shape.pair_macs
+        macs = queries * shape.token_macs + pairs[role] * shape.pair_macs
+        if role == FROZEN:
+            macs += n_vision * kv_macs
+        layers.append(2.0 * macs)
+    head = 2.0 * shape.hidden * shape.vocab
+    decode = []
+    for s in range(decode_steps):  # the new token is text and also attends to itself
+        attended = sum(keys[r] + s + 1 for r in roles if r != SKIP)
+        computing = sum(r != SKIP for r in roles)
+        decode.append(2.0 * (computing * shape.token_macs + attended * shape.pair_macs) + head)
+    kv_tokens = [keys[r] + decode_steps if r != SKIP else 0 for r in roles]
+    kv_bytes = 2 * sum(kv_tokens) * shape.kv_width * bytes_per_value
+    return Cost(sum(layers) + logits * head, decode, layers, scores, kv_tokens, kv_bytes)
+
+
+def prompt_layout(n_vision: int, n_text: int, text_before: int = 0) -> list[bool]:
+    """A prompt of `text_before` text tokens, then the vision tokens, then the rest of the text."""
+    if not 0 <= text_before <= n_text:
+        raise ValueError(f"text_before must be in 0..{n_text}, got {text_before}")
+    return [False] * text_before + [True] * n_vision + [False] * (n_text - text_before)
+
+
+def ideal_speedup(shape: Shape, plan: Plan | Sequence[str], vision: Sequence[bool], decode_steps: int = 0) -> dict:
+    """Untouched / plan, for the prefill, the mean decode step, and the KV-cache size."""
+    base, mine = cost(shape, None, vision, decode_steps), cost(shape, plan, vision, decode_steps)
+    return {
+        "prefill": base.prefill / mine.prefill,
+        "decode": base.decode_mean / mine.decode_mean if decode_steps else 1.0,
+        "kv_memory": mine.kv_bytes / base.kv_bytes,
+        "saving": 1.0 - mine.total / base.total,
+    }

@@ -1,0 +1,160 @@
+"""The skip plan: which decoder layers each kind of token goes through, bound to one model.
+
+Layer indexing (everywhere in skipit): decoder layers of the language backbone are numbered 0..L-1 in the order
+they run; X_0 is the input embedding (vision features included) and layer j maps X_j to X_{j+1}.
+
+- ``late_entry = k``: vision tokens are not processed by layers 0..k-1 and first go through layer k
+  (k = 0: no late entry). Two modes for layers 0..k-1:
+  ``absent``: vision tokens are not in those layers' sequence at all (neither queries nor keys/values) and join at
+  layer k with their input-embedding states X_0;
+  ``frozen``: vision tokens stay in the sequence as keys/values, computed from their unchanged states X_0, but
+  those layers do not update them.
+- ``early_exit = m``: vision tokens leave after layer m: layers m+1..L-1 neither compute nor cache them
+  (None: they stay to the end).
+- ``skip_layers``: layers not run at all, for any token.
+So vision tokens are processed by layers k..m (minus skipped ones); a plan needs 0 <= k <= m <= L-1.
+
+A plan records the model it was made for (class name, layer count and a weights fingerprint); applying it to any
+other model is an error. It is saved as JSON.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from skipit.errors import SkipitError
+
+FORMAT = "skipit-plan"
+VERSION = 1
+MODES = ("absent", "frozen")
+# What a layer does with vision tokens under a plan (text tokens go through every layer that is not skipped).
+ALL, ABSENT, FROZEN, SKIP = "all", "absent", "frozen", "skip"
+
+
+def fingerprint(model: nn.Module, n_tensors: int = 4, n_values: int = 4096) -> str:
+    """A cheap hash of the weights: every parameter's shape, plus the first values of a few tensors.
+
+    Parameters are taken in registration order, without names, so wrapping layers (as `apply_plan` does) leaves
+    the fingerprint unchanged. Values are rounded to bfloat16 first, so one checkpoint has the same fingerprint in
+    float32 and bfloat16.
+    """
+    params = list(model.parameters())
+    h = hashlib.sha256()
+    for p in params:
+        h.update(f"{tuple(p.shape)};".encode())
+    picks = {round(i * (len(params) - 1) / max(n_tensors - 1, 1)) for i in range(n_tensors)} if params else set()
+    for i in sorted(picks):
+        values = params[i].detach().reshape(-1)[:n_values].to("cpu", torch.bfloat16)
+        h.update(values.view(torch.int16).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+@dataclass
+class Plan:
+    architecture: str  # the model class, e.g. "LlavaForConditionalGeneration"
+    num_layers: int  # decoder layers of the language backbone
+    fingerprint: str  # skipit.plan.fingerprint(model)
+    late_entry: int = 0  # k
+    late_entry_mode: str = "absent"
+    early_exit: int | None = None  # m
+    skip_layers: tuple[int, ...] = ()
+    evidence: dict = field(default_factory=dict)  # free-form: the measures and predicted saving behind the plan
+
+    def __post_init__(self):
+        self.skip_layers = tuple(sorted(set(int(j) for j in self.skip_layers)))
+        L, k, m = self.num_layers, self.late_entry, self.early_exit
+        if not isinstance(L, int) or L < 1:
+            raise SkipitError(f"plan num_layers must be a positive integer, got {L!r}")
+        if self.late_entry_mode not in MODES:
+            raise SkipitError(f"late_entry_mode must be one of {', '.join(MODES)}, got {self.late_entry_mode!r}")
+        if not isinstance(k, int) or not 0 <= k <= L - 1:
+            raise SkipitError(f"late_entry must be a layer index in 0..{L - 1} (0 = no late entry), got {k!r}")
+        if m is not None and (not isinstance(m, int) or not 0 <= m <= L - 1):
+            raise SkipitError(f"early_exit must be a layer index in 0..{L - 1} or null, got {m!r}")
+        if m is not None and k > m:
+            raise SkipitError(
+                f"late_entry ({k}) is after early_exit ({m}): no layer would see vision tokens; use k <= m"
+            )
+        if bad := [j for j in self.skip_layers if not 0 <= j <= L - 1]:
+            raise SkipitError(f"skip_layers {bad} out of range: layers are numbered 0..{L - 1}")
+        if len(self.skip_layers) == L:
+            raise SkipitError("skip_layers lists every layer: keep at least one")
+
+    @classmethod
+    def for_model(cls, model: nn.Module, **decisions) -> Plan:
+        """A plan bound to `model`, e.g. `Plan.for_model(model, late_entry=2, early_exit=10, skip_layers=[5])`."""
+        from skipit.adapters import get_adapter
+
+        n = get_adapter(model).num_layers
+        return cls(architecture=type(model).__name__, num_layers=n, fingerprint=fingerprint(model), **decisions)
+
+    def roles(self) -> list[str]:
+        """What each layer does with vision tokens: 'all' (processes them), 'absent', 'frozen' or 'skip'."""
+        out = []
+        for j in range(self.num_layers):
+            if j in self.skip_layers:
+                out.append(SKIP)
+            elif j < self.late_entry:
+                out.append(FROZEN if self.late_entry_mode == "frozen" else ABSENT)
+            elif self.early_exit is not None and j > self.early_exit:
+                out.append(ABSENT)
+            else:
+                out.append(ALL)
+        return out
+
+    @property
+    def is_empty(self) -> bool:
+        return all(r == ALL for r in self.roles())
+
+    def check(self, model: nn.Module) -> None:
+        """Raise SkipitError unless this plan was made for `model`."""
+        from skipit.adapters import get_adapter
+
+        name = type(model).__name__
+        if name != self.architecture:
+            raise SkipitError(f"plan was made for a {self.architecture}, not a {name}: make a plan for this model")
+        n = get_adapter(model).num_layers
+        if n != self.num_layers:
+            raise SkipitError(f"plan was made for {self.num_layers} decoder layers, this model has {n}: re-plan")
+        if fingerprint(model) != self.fingerprint:
+            raise SkipitError("plan was made for other weights (fingerprint differs): make a plan for this checkpoint")
+
+    def to_dict(self) -> dict:
+        return {"format": FORMAT, "version": VERSION, **asdict(self), "skip_layers": list(self.skip_layers)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Plan:
+        data = dict(data)
+        if data.pop("format", None) != FORMAT:
+            raise SkipitError(f'not a skipit plan (expected "format": "{FORMAT}")')
+        if (version := data.pop("version", None)) != VERSION:
+            raise SkipitError(f"plan format version {version!r} is not supported (this skipit reads {VERSION})")
+        names = {f.name for f in fields(cls)}
+        if unknown := sorted(set(data) - names):
+            raise SkipitError(f"unknown plan fields {unknown}: the file was not written by this skipit")
+        if missing := sorted({"architecture", "num_layers", "fingerprint"} - set(data)):
+            raise SkipitError(f"plan is missing {missing}")
+        return cls(**data)
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> Plan:
+        try:
+            data = json.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise SkipitError(f"plan file {path} does not exist") from None
+        except json.JSONDecodeError as e:
+            raise SkipitError(f"plan file {path} is not valid JSON ({e.msg} at line {e.lineno})") from None
+        if not isinstance(data, dict):
+            raise SkipitError(f"plan file {path} does not hold a JSON object")
+        return cls.from_dict(data)

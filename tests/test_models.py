@@ -1,0 +1,34 @@
+import pytest
+import torch
+from transformers import LlavaForConditionalGeneration
+
+from skipit import models
+from skipit.errors import SkipitError
+
+
+def test_load_round_trips_a_saved_llava(tiny_llava, tmp_path):
+    model, processor = tiny_llava
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    loaded, proc = models.load(tmp_path)
+    assert isinstance(loaded, LlavaForConditionalGeneration) and not loaded.training
+    assert proc.image_token == processor.image_token
+    for (k, v), w in zip(model.state_dict().items(), loaded.state_dict().values(), strict=True):
+        assert torch.equal(v, w), k
+
+
+def test_unsupported_type_names_the_supported_families(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "bert"}')
+    with pytest.raises(SkipitError, match=r"'bert' is not supported; supported families: LLaVA, LLaVA-NeXT"):
+        models.load(tmp_path)
+
+
+@pytest.mark.parametrize("path", ["/no/such/model", "./missing-model"])
+def test_missing_path(path):
+    with pytest.raises(SkipitError, match="does not exist"):
+        models.load(path)
+
+
+def test_folder_without_config(tmp_path):
+    with pytest.raises(SkipitError, match="has no config.json"):
+        models.load(tmp_path)

@@ -1,0 +1,409 @@
+"""apply_plan / remove_plan on tiny random models of every supported family.
+
+The strongest check is agreement with `reference_logits`, a slow re-implementation of each plan written here:
+it runs the original decoder layers one row at a time, on exactly the tokens each layer must process, with their
+original positions, no cache, and recomputes the whole prefix at every decoding step.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    CLIPVisionConfig,
+    Idefics3Config,
+    Idefics3ForConditionalGeneration,
+    LlamaConfig,
+    LlamaForCausalLM,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
+)
+
+from skipit.adapters import get_adapter
+from skipit.errors import SkipitError
+from skipit.plan import Plan
+from skipit.skipping import SkipLayer, applied_plan, apply_plan, remove_plan
+
+VOCAB, IMAGE, VIDEO, V_START, V_END = 96, 95, 94, 92, 93
+SPECIAL = [IMAGE, VIDEO, V_START, V_END]
+TEXT = dict(
+    vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=6, num_attention_heads=4,
+    num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.2, pad_token_id=0,
+    bos_token_id=None, eos_token_id=None,
+)  # fmt: skip
+CLIP = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, patch_size=4)
+QWEN_TEXT = dict(TEXT, rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1]})
+QWEN_IDS = dict(image_token_id=IMAGE, video_token_id=VIDEO, vision_start_token_id=V_START, vision_end_token_id=V_END)
+FAMILIES = ["llama", "llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "idefics3"]
+OTHER_CAUSAL_LMS = ["qwen2", "qwen3", "gemma", "phi3", "smollm3"]  # model_type; text only, like "llama"
+VLMS = FAMILIES[1:]
+QWEN_VL = ("qwen2_vl", "qwen2_5_vl")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors gain nothing from threads, and thread contention on a busy machine costs 10-100x."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@functools.cache
+def build(family: str):
+    """A tiny random model; "<family>_eager" is the same with eager attention."""
+    family, eager = family.removesuffix("_eager"), family.endswith("_eager")
+    torch.manual_seed(0)
+    if family == "llama":
+        model = LlamaForCausalLM(LlamaConfig(**TEXT))
+    elif family in OTHER_CAUSAL_LMS or family == "mistral":
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(family, **TEXT, head_dim=8))
+    elif family == "llava":
+        config = LlavaConfig(
+            vision_config=CLIPVisionConfig(**CLIP, image_size=12), text_config=LlamaConfig(**TEXT), image_token_id=IMAGE
+        )
+        model = LlavaForConditionalGeneration(config)
+    elif family == "llava_next":
+        config = LlavaNextConfig(
+            vision_config=CLIPVisionConfig(**CLIP, image_size=8), text_config=LlamaConfig(**TEXT), image_token_id=IMAGE,
+            image_grid_pinpoints=[[8, 16], [16, 8], [16, 16]],
+        )  # fmt: skip
+        model = LlavaNextForConditionalGeneration(config)
+    elif family == "qwen2_vl":
+        vision = dict(depth=1, embed_dim=16, hidden_size=32, num_heads=2, mlp_ratio=2, patch_size=2)
+        model = Qwen2VLForConditionalGeneration(Qwen2VLConfig(text_config=QWEN_TEXT, vision_config=vision, **QWEN_IDS))
+    elif family == "qwen2_5_vl":
+        vision = dict(depth=1, hidden_size=16, out_hidden_size=32, intermediate_size=32, num_heads=2, patch_size=2,
+                      window_size=8, fullatt_block_indexes=[0])  # fmt: skip
+        config = Qwen2_5_VLConfig(text_config=QWEN_TEXT, vision_config=vision, **QWEN_IDS)
+        model = Qwen2_5_VLForConditionalGeneration(config)
+    else:
+        vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=8,
+                      patch_size=2)  # fmt: skip
+        config = Idefics3Config(vision_config=vision, text_config=LlamaConfig(**TEXT), image_token_id=IMAGE)
+        model = Idefics3ForConditionalGeneration(config)
+    if eager:
+        model.set_attn_implementation("eager")
+    model.generation_config.eos_token_id = None  # random weights: always decode the full length
+    model.generation_config.pad_token_id = 0
+    return model.eval()
+
+
+def make_inputs(family: str, batch: int) -> dict:
+    """Left-padded prompts: text, one image (sizes differ per row where the family allows), text."""
+    model, family = build(family), family.removesuffix("_eager")
+    gen = torch.Generator().manual_seed(batch)
+    rows, extra = [], {}
+    if family == "llava":
+        extra["pixel_values"] = torch.randn(batch, 3, 12, 12, generator=gen)
+        counts = [9] * batch  # (12 / 4)^2 patches, CLS dropped
+    elif family == "llava_next":
+        sizes = torch.tensor([[8, 16], [16, 16], [16, 8], [8, 8]][:batch])
+        extra.update(pixel_values=torch.randn(batch, 5, 3, 8, 8, generator=gen), image_sizes=sizes)
+        feats = model.model.get_image_features(pixel_values=extra["pixel_values"], image_sizes=sizes).pooler_output
+        counts = [f.shape[0] for f in feats]
+    elif family in QWEN_VL:
+        grids = torch.tensor([[1, 4, 4], [1, 4, 6], [1, 2, 4], [1, 4, 4]][:batch])
+        extra.update(pixel_values=torch.randn(int(grids.prod(-1).sum()), 24, generator=gen), image_grid_thw=grids)
+        counts = (grids.prod(-1) // 4).tolist()  # 2 x 2 patches merge into one token
+    elif family == "idefics3":
+        extra["pixel_values"] = torch.randn(batch, 1, 3, 8, 8, generator=gen)
+        counts = [4] * batch  # (8 / 2)^2 patches, 2 x 2 pixel shuffle
+
+    def text(n: int) -> list[int]:
+        return torch.randint(3, 88, (n,), generator=gen).tolist()  # clear of pad (0) and the special ids
+
+    for b in range(batch):
+        row = text(2 + b)  # rows of different lengths: left padding
+        if family in VLMS:
+            image = [IMAGE] * counts[b]
+            row += [V_START, *image, V_END] if family in QWEN_VL else image
+        rows.append(row + text(3))
+    width = max(map(len, rows))
+    input_ids = torch.tensor([[0] * (width - len(r)) + r for r in rows])
+    attention_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    if family in QWEN_VL:
+        extra["mm_token_type_ids"] = (input_ids == IMAGE).int()
+    return dict(input_ids=input_ids, attention_mask=attention_mask, **extra)
+
+
+def with_positions(family: str, inputs: dict) -> dict:
+    """The position ids generate() would use; Qwen computes its 3-D M-RoPE ids itself from the mask."""
+    if family in QWEN_VL:
+        return inputs
+    return dict(inputs, position_ids=(inputs["attention_mask"].cumsum(-1) - 1).clamp(min=0))
+
+
+def extend(family: str, inputs: dict, new_tokens: torch.Tensor) -> dict:
+    out = dict(inputs, input_ids=torch.cat([inputs["input_ids"], new_tokens], 1))
+    out["attention_mask"] = torch.cat([inputs["attention_mask"], torch.ones_like(new_tokens)], 1)
+    if family in QWEN_VL:
+        out["mm_token_type_ids"] = (out["input_ids"] == IMAGE).int()
+    return out
+
+
+def generate(model, inputs: dict, steps: int = 20, do_sample: bool = False):
+    return model.generate(
+        **inputs, max_new_tokens=steps, do_sample=do_sample, output_logits=True, return_dict_in_generate=True,
+        suppress_tokens=SPECIAL,  # a generated image token would be taken for a missing image
+    )  # fmt: skip
+
+
+class _Stop(Exception):
+    pass
+
+
+def layer_inputs(model, inputs: dict):
+    """X_0 and the rotary (cos, sin) that an untouched forward feeds to decoder layer 0."""
+    grabbed = {}
+
+    def grab(module, args, kwargs):
+        grabbed["x"] = args[0] if args else kwargs["hidden_states"]
+        grabbed["pe"] = kwargs["position_embeddings"]
+        raise _Stop
+
+    handle = get_adapter(model).layers[0].register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        model(**inputs, use_cache=False)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    return grabbed["x"], grabbed["pe"]
+
+
+def causal(n: int) -> torch.Tensor:
+    return torch.ones(n, n, dtype=torch.bool).tril()[None, None]
+
+
+def run_layer(layer, x, pe, rows):
+    """The layer on the tokens `rows` of one sequence x (n, D), causal among themselves, no cache."""
+    mask = causal(len(rows))
+    if layer.self_attn.config._attn_implementation == "eager":  # eager adds the mask to the scores
+        mask = torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min)
+    out = layer(
+        x[rows][None], attention_mask=mask, position_embeddings=tuple(t[rows][None] for t in pe),
+        position_ids=None, past_key_values=None, use_cache=False,
+    )  # fmt: skip
+    return out[0]
+
+
+def reference_logits(model, plan: Plan, x0, pe, vision) -> torch.Tensor:
+    """Logits of one sequence (its real tokens only) under `plan`, computed layer by layer from scratch."""
+    adapter = get_adapter(model)
+    x, n = x0.clone(), x0.shape[0]
+    everyone, text = torch.arange(n), torch.nonzero(~vision)[:, 0]
+    for layer, role in zip(adapter.layers, plan.roles(), strict=True):
+        if role == "all":
+            x[everyone] = run_layer(layer, x, pe, everyone)
+        elif role == "absent":  # vision tokens are not in this layer's sequence at all
+            x[text] = run_layer(layer, x, pe, text)
+        elif role == "frozen":  # vision tokens are keys/values here, but keep their state
+            x[text] = run_layer(layer, x, pe, everyone)[text]
+    return adapter.lm_head(adapter.final_norm(x))
+
+
+def reference_run(model, plan, family, full: dict, width: int, steps: int):
+    """Reference logits for prompts of `width` columns followed by `steps` tokens, all in `full`.
+
+    Returns each row's prompt logits (real tokens only) and, per step s, each row's last logits after width + s
+    columns; every step recomputes the whole prefix from X_0.
+    """
+    x0, pe = layer_inputs(model, with_positions(family, full))  # X_0 and positions of a token ignore later ones
+    pe = tuple(t.expand(x0.shape[0], *t.shape[1:]) for t in pe)
+    vision = (full["input_ids"] == IMAGE) & (family.removesuffix("_eager") in VLMS)
+    prompts, decoded = [], torch.zeros(steps, x0.shape[0], VOCAB)
+    for b in range(x0.shape[0]):
+        for s in range(steps):
+            keep = full["attention_mask"][b, : width + s].bool()
+            pe_b = tuple(t[b, : width + s][keep] for t in pe)
+            logits = reference_logits(model, plan, x0[b, : width + s][keep], pe_b, vision[b, : width + s][keep])
+            prompts += [logits] if s == 0 else []
+            decoded[s, b] = logits[-1]
+    return prompts, decoded
+
+
+def check_against_reference(family: str, plan: Plan, inputs: dict, sample: bool = False, steps: int = 20):
+    model, width = build(family), inputs["input_ids"].shape[1]
+    real = inputs["attention_mask"].bool()
+    with torch.no_grad():
+        plain = model(**with_positions(family, inputs)).logits
+        apply_plan(model, plan)
+        try:
+            prefill = model(**with_positions(family, inputs), use_cache=False).logits  # also the no-cache path
+            torch.manual_seed(0)
+            out = generate(model, inputs, steps, do_sample=sample)
+        finally:
+            remove_plan(model)
+        full = extend(family, inputs, out.sequences[:, width:])
+        prompts, decoded = reference_run(model, plan, family, full, width, steps)
+    for b, ref in enumerate(prompts):
+        torch.testing.assert_close(prefill[b][real[b]], ref, atol=1e-4, rtol=0)
+    torch.testing.assert_close(torch.stack(out.logits), decoded, atol=1e-4, rtol=0)
+    return (prefill - plain)[real].abs().max()
+
+
+PLANS = {
+    "late-absent": dict(late_entry=2),
+    "late-frozen": dict(late_entry=2, late_entry_mode="frozen"),
+    "early-exit": dict(early_exit=2),
+    "layer-skip": dict(skip_layers=[1, 4]),
+    "combined-absent": dict(late_entry=2, early_exit=3, skip_layers=[0, 5]),
+    "combined-frozen": dict(late_entry=1, late_entry_mode="frozen", early_exit=3, skip_layers=[2]),
+}
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_empty_plan_changes_nothing(family, batch):
+    model, inputs = build(family), make_inputs(family, batch)
+    real = inputs["attention_mask"].bool()
+    with torch.no_grad():
+        before_logits = model(**with_positions(family, inputs)).logits
+        before = generate(model, inputs)
+        apply_plan(model, Plan.for_model(model))
+        try:
+            after_logits = model(**with_positions(family, inputs)).logits
+            after = generate(model, inputs)
+        finally:
+            remove_plan(model)
+    torch.testing.assert_close(after_logits[real], before_logits[real], atol=1e-5, rtol=0)
+    assert torch.equal(after.sequences, before.sequences)
+    torch.testing.assert_close(torch.stack(after.logits), torch.stack(before.logits), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", list(PLANS))
+@pytest.mark.parametrize("family", FAMILIES)
+def test_plan_matches_reference(family, name):
+    plan = Plan.for_model(build(family), **PLANS[name])
+    changed = check_against_reference(family, plan, make_inputs(family, 4))
+    if family in VLMS or plan.skip_layers:  # vision-only plans are no-ops on a text model
+        assert changed > 1e-2, "the plan should change this model's outputs, or the test proves nothing"
+
+
+@pytest.mark.parametrize("family", OTHER_CAUSAL_LMS)
+def test_other_causal_lms_match_reference(family):
+    changed = check_against_reference(family, Plan.for_model(build(family), skip_layers=[1, 4]), make_inputs(family, 4))
+    assert changed > 1e-2
+
+
+def test_sliding_window_models_are_refused():
+    model = build("mistral")  # sliding_window=4096 by default: its cache drops keys the plan's masks would count
+    with pytest.raises(SkipitError, match="sliding-window"):
+        apply_plan(model, Plan.for_model(model, skip_layers=[1]))
+
+
+@pytest.mark.parametrize("name", ["combined-absent", "combined-frozen"])
+def test_eager_attention_matches_reference(name):
+    family = "llava_eager"
+    assert build(family).config.text_config._attn_implementation == "eager"
+    check_against_reference(family, Plan.for_model(build(family), **PLANS[name]), make_inputs(family, 4), steps=6)
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_sampling_matches_reference(family):
+    plan = Plan.for_model(build(family), **PLANS["combined-frozen"])
+    check_against_reference(family, plan, make_inputs(family, 4), sample=True, steps=10)
+
+
+def test_remove_plan_restores_exactly():
+    model, inputs = build("qwen2_vl"), make_inputs("qwen2_vl", 4)
+    layers = list(get_adapter(model).layers)
+    keys = list(model.state_dict())
+    hooks = (dict(model._forward_pre_hooks), dict(model._forward_hooks))
+    with torch.no_grad():
+        before = model(**inputs).logits
+        apply_plan(model, Plan.for_model(model, **PLANS["combined-frozen"]))
+        assert applied_plan(model) is not None and all(isinstance(m, SkipLayer) for m in get_adapter(model).layers)
+        assert not torch.allclose(model(**inputs).logits, before)
+        remove_plan(model)
+        after = model(**inputs).logits
+    assert torch.equal(after, before)
+    assert all(a is b for a, b in zip(get_adapter(model).layers, layers, strict=True))
+    assert list(model.state_dict()) == keys
+    assert (dict(model._forward_pre_hooks), dict(model._forward_hooks)) == hooks
+    assert applied_plan(model) is None and type(model) is Qwen2VLForConditionalGeneration
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_early_exit_shortens_kv_cache(family):
+    model, inputs = build(family), make_inputs(family, 4)
+    width = inputs["input_ids"].shape[1]
+    n_vision = (inputs["input_ids"] == IMAGE).sum(1)
+    with torch.no_grad():
+        apply_plan(model, Plan.for_model(model, early_exit=2, skip_layers=[4]))
+        try:
+            cache = generate(model, inputs, steps=5).past_key_values
+        finally:
+            remove_plan(model)
+    lengths = [layer.keys.shape[2] if layer.is_initialized else None for layer in cache.layers]
+    # 5 logits = prefill + 4 decode steps; later layers hold no vision token (rows padded to the fewest vision tokens)
+    exited = width - int(n_vision.min()) + 4
+    assert lengths == [width + 4] * 3 + [exited, None, exited]
+    assert exited < width + 4
+
+
+def test_rows_with_different_vision_counts_stay_independent():
+    """A row's output must not depend on the other rows (ragged vision subsets are padded and masked)."""
+    family = "qwen2_vl"
+    model, inputs = build(family), make_inputs(family, 4)
+    pad = int((inputs["attention_mask"][0] == 0).sum())
+    n_patches = int(inputs["image_grid_thw"][0].prod())
+    alone = dict(
+        input_ids=inputs["input_ids"][:1, pad:], attention_mask=inputs["attention_mask"][:1, pad:],
+        pixel_values=inputs["pixel_values"][:n_patches], image_grid_thw=inputs["image_grid_thw"][:1],
+        mm_token_type_ids=inputs["mm_token_type_ids"][:1, pad:],
+    )  # fmt: skip
+    assert (inputs["input_ids"] == IMAGE).sum(1).unique().numel() > 1  # rows really differ in vision tokens
+    with torch.no_grad():
+        apply_plan(model, Plan.for_model(model, **PLANS["combined-absent"]))
+        try:
+            batched, single = generate(model, inputs, steps=8), generate(model, alone, steps=8)
+        finally:
+            remove_plan(model)
+    assert torch.equal(single.sequences[0], batched.sequences[0, pad:])
+    torch.testing.assert_close(torch.stack(single.logits)[:, 0], torch.stack(batched.logits)[:, 0], atol=1e-4, rtol=0)
+
+
+def test_errors_are_clear():
+    model, inputs = build("llava"), make_inputs("llava", 1)
+    apply_plan(model, Plan.for_model(model, late_entry=2))
+    try:
+        with pytest.raises(SkipitError, match="forward or generate"):
+            model.model.language_model(inputs_embeds=torch.zeros(1, 3, 32))
+        with torch.no_grad():
+            out = model(**with_positions("llava", inputs), use_cache=True)
+            step = dict(input_ids=out.logits[:, -1:].argmax(-1), past_key_values=out.past_key_values)
+            with pytest.raises(SkipitError, match="pass position_ids"):
+                model(**step)  # layer 0 cached no vision token: its length is not the sequence's
+            with pytest.raises(SkipitError, match="attention mask of the whole sequence"):
+                model(
+                    **step,
+                    position_ids=torch.tensor([[inputs["input_ids"].shape[1]]]),
+                    attention_mask=step["input_ids"],
+                )
+    finally:
+        remove_plan(model)
+    with pytest.raises(SkipitError, match="not a LlavaForConditionalGeneration"):
+        apply_plan(model, Plan.for_model(build("idefics3")))
+    flex = LlamaForCausalLM(LlamaConfig(**TEXT, attn_implementation="flex_attention"))
+    with pytest.raises(SkipitError, match="attn_implementation='sdpa'"):
+        apply_plan(flex, Plan.for_model(flex))
+
+
+def test_frozen_without_the_keys_values_shortcut_matches_reference(monkeypatch):
+    """Attention classes skipit has not checked run whole on frozen vision tokens (output thrown away)."""
+    monkeypatch.setattr("skipit.adapters.base.KEYS_VALUES_ONLY", frozenset())
+    for family in ("llava", "qwen2_vl"):
+        plan = Plan.for_model(build(family), **PLANS["combined-frozen"])
+        check_against_reference(family, plan, make_inputs(family, 4), steps=4)
