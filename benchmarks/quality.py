@@ -10,8 +10,8 @@ import argparse
 import time
 
 from skipit import models
-from skipit.cli import ensure_shapes
 from skipit.data.jsonl import load_records
+from skipit.data.shapes import ensure_split
 from skipit.demo.build import cache_dir, ensure_built
 from skipit.evaluation import vqa
 from skipit.io import write_json
@@ -27,7 +27,7 @@ def main() -> None:
 
     path = ensure_built()
     model, processor = models.load(path)
-    records = load_records(ensure_shapes(cache_dir() / "shapes", "test"), limit=args.n)
+    records = load_records(ensure_split(cache_dir() / "shapes", "test"), limit=args.n)
     results = {}
     for blind in (False, True):
         name = "blind" if blind else "image"
@@ -41,9 +41,8 @@ def main() -> None:
 
     img, blind = results["image"], results["blind"]
     # questions answered right without the image say nothing about vision; score the rest separately
-    guessable = {r["id"] for r in blind["predictions"] if r["correct"]}
-    needs_image = [r for r in img["predictions"] if r["id"] not in guessable]
-    acc_needs = sum(r["correct"] for r in needs_image) / max(1, len(needs_image))
+    needs = vqa.needs_image(img, blind)
+    acc_needs = needs["accuracy"]
 
     print(f"\nmini-llava ({path}) on shapes/test, {len(records)} questions, greedy, exact match\n")
     print("| question type | n | accuracy | blind accuracy |")
@@ -51,7 +50,7 @@ def main() -> None:
     for t, v in img["per_type"].items():
         print(f"| {t} | {v['n']} | {v['accuracy']:.3f} | {blind['per_type'][t]['accuracy']:.3f} |")
     print(f"| **all** | {img['n']} | **{img['accuracy']:.3f}** | {blind['accuracy']:.3f} |")
-    print(f"\naccuracy on the {len(needs_image)} questions the blind run gets wrong: {acc_needs:.3f}")
+    print(f"\naccuracy on the {needs['n']} questions the blind run gets wrong: {acc_needs:.3f}")
     print(f"time: {img['seconds']:.0f} s with images, {blind['seconds']:.0f} s blind (batch {args.batch_size})")
     if args.out:
         write_json(args.out, {"model": str(path), "n": len(records), "needs_image_accuracy": acc_needs, **results})

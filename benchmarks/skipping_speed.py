@@ -19,10 +19,11 @@ import torch
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
 from skipit import models
-from skipit.cli import ensure_shapes
 from skipit.data.jsonl import load_records
+from skipit.data.shapes import ensure_split
 from skipit.demo.build import cache_dir, ensure_built
 from skipit.evaluation import speed
+from skipit.flops import Shape
 from skipit.io import write_json
 from skipit.plan import Plan
 
@@ -67,7 +68,7 @@ def random_inputs(model, batch: int, text_before: int = 5, text_after: int = 35,
 
 def mini_llava_inputs(processor, batch: int) -> dict:
     """`batch` different images of `shapes`/test, with the first record's question for every row (no padding)."""
-    records = load_records(ensure_shapes(cache_dir() / "shapes", "test"), limit=batch)
+    records = load_records(ensure_split(cache_dir() / "shapes", "test"), limit=batch)
     return speed.chat_inputs(processor, [r.load_image() for r in records], [records[0].question] * batch)
 
 
@@ -107,6 +108,17 @@ def layer_cost_per_token(model, batch: int, lengths: list[int], repeats: int = 2
     return {n: statistics.median(t) for n, t in times.items()}
 
 
+def layer_time_ideal(model, plan: Plan | None, width: int, n_vision: int, per_token: dict[int, float]) -> float:
+    """Prefill time of the decoder layers predicted from the untouched layer's measured time per token at the token
+    counts the plan runs them on (frozen vision tokens: their share of k/v projection FLOPs at the full count)."""
+    shape, n_text = Shape.from_model(model), width - n_vision
+    kv_share = 2 * shape.hidden * shape.kv_width / shape.token_macs
+    full, text = width * per_token[width], n_text * per_token[n_text]
+    roles = plan.roles() if plan is not None else ["all"] * shape.num_layers
+    each = {"all": full, "absent": text, "frozen": text + n_vision * per_token[width] * kv_share, "skip": 0.0}
+    return sum(each[r] for r in roles)
+
+
 def bench(name: str, model, inputs: dict, args) -> list[dict]:
     L = model.config.text_config.num_hidden_layers
     configs = plan_grid(model, L)
@@ -116,7 +128,6 @@ def bench(name: str, model, inputs: dict, args) -> list[dict]:
     t0 = time.perf_counter()
     runs = speed.compare(model, encoded, configs, new_tokens=args.new_tokens, repeats=args.repeats)
     rows = speed.speed_rows(model, encoded, configs, runs, args.new_tokens)
-    over = speed.overhead(rows)
     print(f"\n### {name}, batch {batch}\n")
     print(
         f"{L} layers, hidden {model.config.text_config.hidden_size}; prompt {width} tokens ({n_vision} vision); "
@@ -124,16 +135,30 @@ def bench(name: str, model, inputs: dict, args) -> list[dict]:
         f"(not in the prefill times); {time.perf_counter() - t0:.0f} s\n"
     )
     print(speed.markdown_table(rows))
-    print(
-        f"\nwrapper overhead (empty plan vs untouched): prefill {100 * over['prefill']:+.1f} %, "
-        f"decode {100 * over['decode']:+.1f} %"
-    )
+
     per_token = layer_cost_per_token(model, batch, [width, width - n_vision])
     print(
-        f"one untouched decoder layer, time per token: {1e6 * per_token[width]:.0f} us on the whole prompts "
-        f"({width} tokens a row), {1e6 * per_token[width - n_vision]:.0f} us on their text tokens only"
+        f"\nOne untouched decoder layer takes {1e6 * per_token[width]:.0f} us per token on the whole prompts "
+        f"({width} tokens a row) and {1e6 * per_token[width - n_vision]:.0f} us per token on their text tokens "
+        "alone. Prefill speed-up predicted from these layer times instead of FLOPs:\n"
     )
-    return [dict(r, model=name, batch=batch) for r in rows]
+    base = layer_time_ideal(model, None, width, n_vision, per_token)
+    print("| plan | measured | ideal (FLOPs) | ideal (layer times) | measured / ideal (layer times) |")
+    print("|---|---:|---:|---:|---:|")
+    for row in rows:
+        hw = base / layer_time_ideal(model, configs[row["config"]], width, n_vision, per_token)
+        row.update(ideal_layer_times=hw)
+        print(f"| {row['config']} | {row['prefill_speedup']:.2f} | {row['ideal_prefill_speedup']:.2f} | {hw:.2f} "
+              f"| {row['prefill_speedup'] / hw:.2f} |")  # fmt: skip
+
+    empty = {"untouched": None, "empty plan": configs["empty plan"]}
+    rounds = speed.compare(model, encoded, empty, new_tokens=args.new_tokens, repeats=args.overhead_rounds)
+    over = speed.overhead(speed.speed_rows(model, encoded, empty, rounds, args.new_tokens))
+    print(
+        f"\nWrapper overhead (empty plan vs untouched, {args.overhead_rounds} more rounds of these two alone): "
+        f"prefill {100 * over['prefill']:+.1f} %, decode step {100 * over['decode']:+.1f} %"
+    )
+    return [dict(r, model=name, batch=batch) for r in rows] + [dict(model=name, batch=batch, overhead=over)]
 
 
 def main() -> None:
@@ -142,6 +167,7 @@ def main() -> None:
     ap.add_argument("--batch", nargs="+", type=int, default=[1, 4])
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--new-tokens", type=int, default=16)
+    ap.add_argument("--overhead-rounds", type=int, default=15, help="rounds of untouched vs empty plan alone")
     ap.add_argument("--hidden", type=int, default=1024, help="random model: hidden size")
     ap.add_argument("--layers", type=int, default=24, help="random model: decoder layers")
     ap.add_argument("--threads", type=int, default=None)

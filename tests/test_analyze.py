@@ -8,6 +8,7 @@ import math
 import os
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,7 @@ from skipit.analysis import Analysis, analyze
 from skipit.data.jsonl import load_records
 from skipit.data.shapes import write_split
 from skipit.errors import SkipitError
+from skipit.flops import Shape
 from skipit.plan import fingerprint
 from skipit.stats import StatsConfig
 
@@ -71,7 +73,7 @@ def test_cli_writes_analysis_and_plots(saved, tmp_path):
     assert (result["format"], result["version"]) == ("skipit-analysis", 1)
     assert result["model"] | {"path": None} == {
         "path": None, "class": "LlavaForConditionalGeneration", "family": "LLaVA", "num_layers": 6,
-        "hidden_size": 48, "fingerprint": fingerprint(model)}  # fmt: skip
+        "hidden_size": 48, "fingerprint": fingerprint(model), "shape": asdict(Shape.from_model(model))}  # fmt: skip
     assert result["data"]["n_records"] == 6 and result["data"]["path"] == str(data)
     assert result["settings"]["batch_size"] == 4 and result["settings"]["ablation"] and result["seed"] == 0
     assert {"skipit", "torch", "transformers"} <= set(result["versions"])

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import invoke
 
 CLI = [sys.executable, "-c", "from skipit.cli import main; main()"]
 
@@ -66,3 +67,97 @@ def test_unscored_records(tmp_path, tiny_llava):
     (tmp_path / "d.jsonl").write_text(json.dumps({"id": "r1", "image": "a.png", "question": "q?"}))
     proc = run("eval", str(tmp_path / "m"), "--data", str(tmp_path / "d.jsonl"), cwd=tmp_path)
     assert_one_line_error(proc, "have no \"answer\" to score")
+
+
+# ---------------------------------------------------------------- `skipit eval` on the tiny random LLaVA
+
+
+@pytest.fixture(scope="module")
+def tiny_saved(tiny_llava, tmp_path_factory):
+    """The tiny LLaVA on disk, data with answers and captions, an empty plan and a plan for other weights."""
+    from PIL import Image
+
+    from skipit.data import shapes
+    from skipit.plan import Plan
+
+    root = tmp_path_factory.mktemp("eval")
+    model, processor = tiny_llava
+    model.save_pretrained(root / "m")
+    processor.save_pretrained(root / "m")
+    rows = []
+    for i, (color, kind) in enumerate([("red", "color"), ("blue", "color"), ("green", "count"), ("red", "count")]):
+        Image.new("RGB", (28, 28), shapes.COLORS[color]).save(root / f"{i}.png")
+        rows.append({"id": f"r{i}", "image": f"{i}.png", "question": "What color is the shape?", "answer": color,
+                     "caption": f"A large {color} circle.", "type": kind})  # fmt: skip
+    rows[0]["answers"] = ["red", "red", "blue"]
+    (root / "data.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    Plan.for_model(model).save(root / "empty.json")
+    other = Plan.for_model(model)
+    other.fingerprint = "0" * 16
+    other.save(root / "other.json")
+    return root
+
+
+
+
+def test_eval_vqa_with_blind_run_plan_and_speed(tiny_saved, tmp_path):
+    from skipit.evaluation import vqa
+
+    out = tmp_path / "r.json"
+    text = invoke("eval", tiny_saved / "m", "--data", tiny_saved, "--plan", tiny_saved / "empty.json",
+                  "--with-blind", "--batch-size", 3, "--out", out)  # fmt: skip
+    assert "needing" in text and "tokens/s" in text and "peak memory" in text
+    result = json.loads(out.read_text())
+    config = result["config"]
+    assert config["plan"]["fingerprint"] == json.loads((tiny_saved / "empty.json").read_text())["fingerprint"]
+    assert (config["task"], config["n"], config["n_records"], config["batch_size"]) == ("vqa", None, 4, 3)
+    assert set(config["versions"]) >= {"skipit", "torch", "transformers", "python"}
+    assert config["with_blind"] and not config["blind"] and config["model"] == str(tiny_saved / "m")
+    assert [r["answers"] for r in result["predictions"]][:2] == [["red", "red", "blue"], ["blue"]]
+    assert result["n"] == result["blind"]["n"] == 4 and set(result["per_type"]) == {"color", "count"}
+    assert result["needs_image"] == vqa.needs_image(result, result["blind"])
+    speed = result["speed"]
+    assert speed["batch"] == 3 and speed["first_token_ms"] > 0 and speed["decode_tokens_per_s"] > 0
+    assert speed["peak_memory_mib"] > 0 and speed["kv_cache_mib"] > 0
+
+
+def test_eval_under_an_empty_plan_gives_the_same_answers(tiny_saved, tmp_path):
+    runs = {}
+    for name, extra in (("plain", ()), ("empty", ("--plan", tiny_saved / "empty.json"))):
+        invoke("eval", tiny_saved / "m", "--data", tiny_saved, "--no-speed", "--out", tmp_path / name, *extra)
+        runs[name] = json.loads((tmp_path / name).read_text())
+    assert runs["plain"]["config"]["plan"] is None and "speed" not in runs["plain"]
+    assert runs["plain"]["predictions"] == runs["empty"]["predictions"]
+
+
+def test_eval_caption(tiny_saved, tmp_path):
+    from skipit.evaluation.caption import cider_d
+
+    out = tmp_path / "c.json"
+    text = invoke("eval", tiny_saved / "m", "--data", tiny_saved, "--task", "caption", "--n", 3, "--out", out)
+    assert "CIDEr-D" in text
+    result = json.loads(out.read_text())
+    assert result["config"]["task"] == "caption" and result["config"]["n"] == 3 and result["n"] == 3
+    rows = result["predictions"]
+    assert result["cider"] == cider_d([r["prediction"] for r in rows], [r["references"] for r in rows])[0]
+    assert result["speed"]["batch"] == 3
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--plan", "{root}/other.json"], "other weights"),
+        (["--task", "translate"], "unknown task 'translate'"),
+        (["--task", "caption", "--with-blind"], "use them with --task vqa"),
+        (["--blind", "--with-blind"], "give one of --blind and --with-blind"),
+        (["--task", "caption"], 'have no "caption" to score'),
+    ],
+)
+def test_eval_bad_input_is_one_line(tiny_saved, args, message):
+    (tiny_saved / "nocaption.jsonl").write_text(json.dumps({"id": "r1", "image": "0.png", "question": "q?"}))
+    data = tiny_saved / ("nocaption.jsonl" if "caption" in message else "data.jsonl")
+    args = [a.format(root=tiny_saved) for a in args]
+    out = tiny_saved / "never.json"
+    proc = run("eval", str(tiny_saved / "m"), "--data", str(data), *args, "--out", str(out), cwd=tiny_saved)
+    assert_one_line_error(proc, message)
+    assert not out.exists()

@@ -34,6 +34,9 @@ def test_roles_follow_the_layer_indexing():
     assert plan(late_entry=2).roles()[:3] == ["absent", "absent", "all"]
     assert plan(early_exit=5).is_empty  # exiting after the last layer changes nothing
     assert plan(late_entry=3, early_exit=3).roles() == ["absent"] * 3 + ["all"] + ["absent"] * 2
+    p = plan(late_entry=1, early_exit=4, frozen_vision_layers=[3, 2], skip_layers=[4])
+    assert p.roles() == ["absent", "all", "frozen", "frozen", "skip", "absent"]
+    assert p.frozen_vision_layers == (2, 3)
 
 
 @pytest.mark.parametrize(
@@ -47,6 +50,9 @@ def test_roles_follow_the_layer_indexing():
         (dict(skip_layers=range(6)), "keep at least one"),
         (dict(late_entry=1, late_entry_mode="sleeping"), "late_entry_mode must be one of absent, frozen"),
         (dict(num_layers=0), "num_layers must be a positive integer"),
+        (dict(late_entry=2, frozen_vision_layers=[1]), r"frozen_vision_layers \[1\] must be .* \(2\.\.5\)"),
+        (dict(early_exit=3, frozen_vision_layers=[4]), r"frozen_vision_layers \[4\] must be .* \(0\.\.3\)"),
+        (dict(skip_layers=[2], frozen_vision_layers=[2]), r"frozen_vision_layers \[2\] must be"),
     ],
 )
 def test_invalid_plans_say_what_to_fix(decisions, message):
@@ -89,7 +95,7 @@ def test_fingerprint_ignores_wrapping_and_bfloat16_but_not_weights():
 def test_json_round_trip(tmp_path):
     model = llama()
     p = Plan.for_model(model, late_entry=1, late_entry_mode="frozen", early_exit=4, skip_layers=[3],
-                       evidence={"epsilon": 0.05, "flops_saving": 0.31})  # fmt: skip
+                       frozen_vision_layers=[2], evidence={"epsilon": 0.05, "flops_saving": 0.31})  # fmt: skip
     path = p.save(tmp_path / "plan.json")
     data = json.loads(path.read_text())
     assert data["format"] == "skipit-plan" and data["version"] == 1 and data["skip_layers"] == [3]

@@ -260,6 +260,8 @@ PLANS = {
     "layer-skip": dict(skip_layers=[1, 4]),
     "combined-absent": dict(late_entry=2, early_exit=3, skip_layers=[0, 5]),
     "combined-frozen": dict(late_entry=1, late_entry_mode="frozen", early_exit=3, skip_layers=[2]),
+    "frozen-vision-layers": dict(frozen_vision_layers=[1, 3]),  # ALL -> FROZEN -> ALL -> FROZEN -> ALL
+    "combined-frozen-vision": dict(late_entry=1, early_exit=4, skip_layers=[3], frozen_vision_layers=[2]),
 }
 
 

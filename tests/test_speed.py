@@ -6,12 +6,11 @@ import json
 
 import pytest
 import torch
+from conftest import invoke
 from PIL import Image
 from test_cli import assert_one_line_error, run
 from test_skipping import build, make_inputs
-from typer.testing import CliRunner
 
-from skipit.cli import app
 from skipit.evaluation import speed
 from skipit.plan import Plan
 
@@ -63,10 +62,6 @@ def saved(tiny_llava, tmp_path_factory):
     return root
 
 
-def invoke(*args) -> str:
-    result = CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
-    assert result.exit_code == 0, result.output
-    return result.stdout  # model loading reports progress on stderr
 
 
 def test_generate_with_an_empty_plan_prints_the_same_text(saved):

@@ -1,19 +1,50 @@
 import torch
 
 from skipit.demo.train import batch_loss, tokenize, training_scenes, vision_features
+from skipit.evaluation import vqa
 
 
-def test_conversations_cover_the_scene_and_mark_every_answer(tiny_llava):
+def test_packed_rows_hold_every_question_once_after_one_image(tiny_llava):
     model, processor = tiny_llava
     images, conversations = training_scenes(3, seed=0)
     assert len(images) == len(conversations) == 3
     tok = processor.tokenizer
-    for (ids, targets), turns in zip(tokenize(processor, model, conversations), conversations, strict=True):
+    for row, turns in zip(tokenize(processor, model, conversations), conversations, strict=True):
         assert len(turns) >= 3  # count and existence always apply, and most scenes pose more
-        assert ids.count(model.config.image_token_id) == model.config.image_seq_length  # one image, first turn
-        answers = tok.decode([ids[t] for t in targets]).split()
+        assert row.ids.count(model.config.image_token_id) == model.config.image_seq_length  # the image, once
+        assert len(row.ids) == len(row.positions) == len(row.segments)
+        assert sorted(set(row.segments)) == list(range(len(turns) + 1))
+        answers = tok.decode([row.ids[t] for t in row.targets]).split()
         assert answers == [w for _, a in turns for w in (a, "<|im_end|>")]
-        assert all(tok.decode(ids[:t]).split()[-1] in ("assistant", *[a for _, a in turns]) for t in targets)
+        for i, (question, answer) in enumerate(turns, start=1):  # each segment is the single-turn prompt + answer
+            seg = [j for j, s in enumerate(row.segments) if s in (0, i)]
+            prompt = vqa.prompt_text(processor, question)
+            alone = processor(images=[images[0]], text=[prompt])["input_ids"][0]
+            alone += tok(answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+            assert [row.ids[j] for j in seg] == alone
+            assert [row.positions[j] for j in seg] == list(range(len(seg)))
+
+
+def test_packed_loss_equals_each_question_asked_alone(tiny_llava):
+    """Reference: every question run on its own through the model's ordinary forward (processor + pixels)."""
+    model, processor = tiny_llava
+    images, conversations = training_scenes(2, seed=3)
+    feats = vision_features(model, processor, images)
+    seqs = tokenize(processor, model, conversations)
+    with torch.no_grad():
+        packed = batch_loss(model, feats, seqs, model.config.image_token_id)
+        tok = processor.tokenizer
+        losses = []
+        for image, turns in zip(images, conversations, strict=True):
+            for question, answer in turns:
+                prompt = vqa.prompt_text(processor, question)
+                a_ids = tok(answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+                inputs = processor(images=[image], text=[prompt], return_tensors="pt")
+                ids = torch.cat([inputs["input_ids"], torch.tensor([a_ids])], dim=1)
+                logits = model(input_ids=ids, pixel_values=inputs["pixel_values"]).logits[0]
+                n = len(a_ids)
+                losses.append(torch.nn.functional.cross_entropy(logits[-n - 1:-1], ids[0, -n:], reduction="none"))
+    assert torch.allclose(packed, torch.cat(losses).mean(), atol=1e-5)
 
 
 def test_projector_alone_learns(tiny_llava):

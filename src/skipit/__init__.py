@@ -3,7 +3,7 @@
 from skipit.errors import SkipitError
 from skipit.models import load
 
-__all__ = ["Analysis", "Plan", "SkipitError", "analyze", "apply_plan", "load", "remove_plan"]
+__all__ = ["Analysis", "Plan", "SkipitError", "analyze", "apply_plan", "load", "make_plan", "remove_plan"]
 __version__ = "0.1.0"
 
 
@@ -17,6 +17,10 @@ def __getattr__(name: str):
         from skipit.plan import Plan
 
         return Plan
+    if name == "make_plan":
+        from skipit.planner import make_plan
+
+        return make_plan
     if name in ("apply_plan", "remove_plan"):
         from skipit import skipping
 

@@ -29,6 +29,7 @@ import torch
 
 from skipit.capture import Calibrator
 from skipit.errors import SkipitError
+from skipit.flops import Shape
 from skipit.functional_stats import FunctionalStats
 from skipit.io import write_json
 from skipit.stats import AttentionStats, LayerStats, MeasureConfig, StatsConfig, _decode_meta, _encode_meta
@@ -261,7 +262,9 @@ def analyze(
     with bar as (advance), calibrator:
         for i in range(0, len(todo), batch_size):
             batch = todo[i:i + batch_size]
-            calibrator.update(batch_inputs(processor, batch, has_vision), [r.id for r in batch])
+            inputs = {k: v.to(model.device) if isinstance(v, torch.Tensor) else v
+                      for k, v in batch_inputs(processor, batch, has_vision).items()}  # fmt: skip
+            calibrator.update(inputs, [r.id for r in batch])
             done += len(batch)
             advance(len(batch))
             if shard is not None and ((i // batch_size + 1) % shard_every == 0 or done == len(mine)):
@@ -288,7 +291,8 @@ def analyze(
         "format": FORMAT, "version": VERSION, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "model": {"path": model_path or getattr(model.config, "_name_or_path", None) or None,
                   "class": type(model).__name__, "family": adapter.family, "num_layers": adapter.num_layers,
-                  "hidden_size": adapter.hidden_size, "fingerprint": identity["fingerprint"]},
+                  "hidden_size": adapter.hidden_size, "fingerprint": identity["fingerprint"],
+                  "shape": asdict(Shape.from_model(model))},
         "data": {"path": None if data_path is None else str(data_path), "n_records": len(records),
                  "records_digest": identity["records"]},
         "seed": config.seed,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from skipit.errors import SkipitError
@@ -36,15 +37,32 @@ def _config(path: str):
         raise SkipitError(f"cannot load model {path!r}: {first}") from None
 
 
-def load(path: str | Path, dtype=None):
-    """(model, processor) in eval mode; processor is a tokenizer for text-only causal LMs."""
+def default_device() -> str:
+    """$SKIPIT_DEVICE, else this process's GPU (LOCAL_RANK under torchrun / accelerate), else the CPU."""
+    import torch
+
+    if device := os.environ.get("SKIPIT_DEVICE"):
+        return device
+    if torch.cuda.is_available():
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    return "cpu"
+
+
+def load(path: str | Path, dtype=None, device: str | None = None):
+    """(model, processor) in eval mode, on `device` (default: `default_device()`); processor is a tokenizer for
+    text-only causal LMs. dtype: float32 on the CPU, bfloat16 on a GPU, unless given or set in $SKIPIT_DTYPE."""
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
 
     path = str(path)
     config = _config(path)
     kind = getattr(config, "model_type", None)
-    dtype = dtype or torch.float32
+    device = device or default_device()
+    if dtype is None and (name := os.environ.get("SKIPIT_DTYPE")):
+        dtype = getattr(torch, name, None)
+        if not isinstance(dtype, torch.dtype):
+            raise SkipitError(f"SKIPIT_DTYPE={name!r} is not a torch dtype (try float32, bfloat16, float16)")
+    dtype = dtype or (torch.float32 if device == "cpu" else torch.bfloat16)
     if kind in VLM_FAMILIES:
         model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype)
         processor = AutoProcessor.from_pretrained(path)
@@ -53,4 +71,8 @@ def load(path: str | Path, dtype=None):
         processor = AutoTokenizer.from_pretrained(path)
     else:
         raise SkipitError(f"model type {kind!r} is not supported; supported families: {supported_families()}")
+    try:
+        model.to(device)
+    except (RuntimeError, AssertionError) as e:  # e.g. a CUDA device on a machine without one
+        raise SkipitError(f"cannot put the model on {device!r}: {str(e).splitlines()[0]}") from None
     return model.eval(), processor

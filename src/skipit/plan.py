@@ -12,7 +12,9 @@ they run; X_0 is the input embedding (vision features included) and layer j maps
 - ``early_exit = m``: vision tokens leave after layer m: layers m+1..L-1 neither compute nor cache them
   (None: they stay to the end).
 - ``skip_layers``: layers not run at all, for any token.
-So vision tokens are processed by layers k..m (minus skipped ones); a plan needs 0 <= k <= m <= L-1.
+- ``frozen_vision_layers``: layers inside k..m that do not update vision tokens, which stay there as keys/values
+  (ShortV-style; the same as ``frozen`` late entry, for any layer).
+So vision tokens are processed by layers k..m (minus skipped and frozen ones); a plan needs 0 <= k <= m <= L-1.
 
 A plan records the model it was made for (class name, layer count and a weights fingerprint); applying it to any
 other model is an error. It is saved as JSON.
@@ -64,10 +66,12 @@ class Plan:
     late_entry_mode: str = "absent"
     early_exit: int | None = None  # m
     skip_layers: tuple[int, ...] = ()
+    frozen_vision_layers: tuple[int, ...] = ()
     evidence: dict = field(default_factory=dict)  # free-form: the measures and predicted saving behind the plan
 
     def __post_init__(self):
         self.skip_layers = tuple(sorted(set(int(j) for j in self.skip_layers)))
+        self.frozen_vision_layers = tuple(sorted(set(int(j) for j in self.frozen_vision_layers)))
         L, k, m = self.num_layers, self.late_entry, self.early_exit
         if not isinstance(L, int) or L < 1:
             raise SkipitError(f"plan num_layers must be a positive integer, got {L!r}")
@@ -85,6 +89,12 @@ class Plan:
             raise SkipitError(f"skip_layers {bad} out of range: layers are numbered 0..{L - 1}")
         if len(self.skip_layers) == L:
             raise SkipitError("skip_layers lists every layer: keep at least one")
+        last = L - 1 if m is None else m
+        if bad := [j for j in self.frozen_vision_layers if not k <= j <= last or j in self.skip_layers]:
+            raise SkipitError(
+                f"frozen_vision_layers {bad} must be layers that would process vision tokens ({k}..{last}) "
+                "and are not skipped"
+            )
 
     @classmethod
     def for_model(cls, model: nn.Module, **decisions) -> Plan:
@@ -104,6 +114,8 @@ class Plan:
                 out.append(FROZEN if self.late_entry_mode == "frozen" else ABSENT)
             elif self.early_exit is not None and j > self.early_exit:
                 out.append(ABSENT)
+            elif j in self.frozen_vision_layers:
+                out.append(FROZEN)
             else:
                 out.append(ALL)
         return out
@@ -126,7 +138,10 @@ class Plan:
             raise SkipitError("plan was made for other weights (fingerprint differs): make a plan for this checkpoint")
 
     def to_dict(self) -> dict:
-        return {"format": FORMAT, "version": VERSION, **asdict(self), "skip_layers": list(self.skip_layers)}
+        return {
+            "format": FORMAT, "version": VERSION, **asdict(self),
+            "skip_layers": list(self.skip_layers), "frozen_vision_layers": list(self.frozen_vision_layers),
+        }  # fmt: skip
 
     @classmethod
     def from_dict(cls, data: dict) -> Plan:
@@ -143,9 +158,9 @@ class Plan:
         return cls(**data)
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-        return path
+        from skipit.io import write_json
+
+        return write_json(Path(path), self.to_dict())
 
     @classmethod
     def load(cls, path: str | Path) -> Plan:

@@ -1,4 +1,8 @@
-"""One PNG per measure of an analysis: the measure against the decoder layer, one line per modality."""
+"""Figures of an analysis: each measure against the decoder layer, one line per modality.
+
+`measure_figures` returns them as matplotlib figures (the HTML report draws on them); `plot_analysis` saves one PNG
+per measure beside analysis.json.
+"""
 
 from __future__ import annotations
 
@@ -43,13 +47,17 @@ def _line(ax, layers, stat: dict, label: str, color: str | None = None) -> bool:
     return True
 
 
-def _figure(title: str, ylabel: str, log: bool = False):
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 3.4), layout="constrained")
+    return plt
+
+
+def _figure(title: str, ylabel: str, log: bool = False):
+    fig, ax = _pyplot().subplots(figsize=(6.4, 3.4), layout="constrained")
     ax.set_title(title, fontsize=10)
     ax.set_xlabel("decoder layer j (maps X_j to X_j+1)")
     ax.set_ylabel(ylabel)
@@ -59,51 +67,54 @@ def _figure(title: str, ylabel: str, log: bool = False):
     return fig, ax
 
 
-def _per_modality(result: dict, out: Path, name: str, title: str, ylabel: str, pick, log: bool = False):
-    import matplotlib.pyplot as plt
+def _done(fig, drawn: bool, **legend):
+    """The figure with its legend when something was drawn; otherwise None (and the figure is closed)."""
+    if drawn:
+        fig.axes[0].legend(fontsize=8, **legend)
+        return fig
+    _pyplot().close(fig)
+    return None
 
-    layers = result["layers"]
+
+def _per_modality(result: dict, title: str, ylabel: str, pick, log: bool = False):
     fig, ax = _figure(title, ylabel, log)
     drawn = False
     for modality, entry in result["measures"]["hidden"]["modalities"].items():
         stat = pick(entry, modality)
-        drawn |= stat is not None and _line(ax, layers, stat, modality, COLORS.get(modality))
-    path = None
-    if drawn:
-        ax.legend(fontsize=8)
-        path = _save(fig, out / f"{name}.png")
-    plt.close(fig)
-    return path
+        drawn |= stat is not None and _line(ax, result["layers"], stat, modality, COLORS.get(modality))
+    return _done(fig, drawn)
 
 
-def plot_analysis(result: dict, out_dir: str | Path) -> list[Path]:
-    """Write the PNGs of every measure present in `result` (analysis.json content) to out_dir."""
-    import matplotlib.pyplot as plt
+def tail_delta(result: dict, near: float = 0.01) -> float:
+    """The measured tail threshold delta closest to `near`."""
+    return min(result["settings"]["measure_config"]["tail_deltas"], key=lambda d: abs(d - near))
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    deltas = result["settings"]["measure_config"]["tail_deltas"]
-    delta = min(deltas, key=lambda d: abs(d - 0.01))
+
+def measure_figures(result: dict, delta: float = 0.01) -> dict:
+    """{name: figure} for every measure present in `result` (analysis.json content), in a fixed order:
+    geometric, proximal (at the measured delta closest to `delta`), informational, cka, ablation_kl, lipschitz,
+    logit_lens, var. The caller closes the figures (`matplotlib.pyplot.close`)."""
+    delta = tail_delta(result, delta)
     functional = result["measures"]["functional"]
     ablation = functional.get("ablation") or {}
-    paths = [
-        _per_modality(result, out, "geometric", "Geometric: E[rho], rho = (1 - cos) / 2",
-                      "E[rho(X_j, X_j+1)]", lambda e, m: e["geometric"]["rho"], log=True),
-        _per_modality(result, out, "proximal", f"Proximal redundancy: P(rho > {delta:g})", "tail probability",
-                      lambda e, m: e["proximal"]["tail"][str(delta)]),
-        _per_modality(result, out, "informational", "Informational: H(X_j+1 | X_j) / H(X_j+1)",
-                      "normalised conditional entropy", lambda e, m: e.get("informational", {}).get("score") and {
-                          "mean": e["informational"]["score"], "ci_low": e["informational"]["ci_low"],
-                          "ci_high": e["informational"]["ci_high"]}),
-        _per_modality(result, out, "cka", "Linear CKA(X_j, X_j+1) (debiased)", "CKA",
-                      lambda e, m: e.get("cka", {}).get("value")),
-        _per_modality(result, out, "ablation_kl", "Ablation: KL(P_full || P_without j's update for m)",
-                      "KL (nats)", lambda e, m: ablation.get(m, {}).get("kl"), log=True),
-    ]
+    figures = {
+        "geometric": _per_modality(result, "Geometric: E[rho], rho = (1 - cos) / 2", "E[rho(X_j, X_j+1)]",
+                                   lambda e, m: e["geometric"]["rho"], log=True),
+        "proximal": _per_modality(result, f"Proximal redundancy: P(rho > {delta:g})", "tail probability",
+                                  lambda e, m: e["proximal"]["tail"][str(delta)]),
+        "informational": _per_modality(
+            result, "Informational: H(X_j+1 | X_j) / H(X_j+1)", "normalised conditional entropy",
+            lambda e, m: e.get("informational", {}).get("score") and {
+                "mean": e["informational"]["score"], "ci_low": e["informational"]["ci_low"],
+                "ci_high": e["informational"]["ci_high"]}),
+        "cka": _per_modality(result, "Linear CKA(X_j, X_j+1) (debiased)", "CKA",
+                             lambda e, m: e.get("cka", {}).get("value")),
+        "ablation_kl": _per_modality(result, "Ablation: KL(P_full || P_without j's update for m)", "KL (nats)",
+                                     lambda e, m: ablation.get(m, {}).get("kl"), log=True),
+    }  # fmt: skip
     layers = result["layers"]
     if ablation:
-        fig, ax = _figure("Ablation gap E[TV] (solid), bound K_q0.9 E||update|| (dashed)",
-                          "TV", log=True)
+        fig, ax = _figure("Ablation gap E[TV] (solid), bound K_q0.9 E||update|| (dashed)", "TV", log=True)
         drawn = False
         for m, entry in ablation.items():
             if _line(ax, layers, entry["tv"], f"{m} gap", COLORS.get(m)):
@@ -111,15 +122,10 @@ def plot_analysis(result: dict, out_dir: str | Path) -> list[Path]:
                 bound = _arr(entry["lipschitz"]["q0.9"]["bound"])
                 bound[bound <= 0] = np.nan
                 ax.plot(layers, bound, ls="--", color=COLORS.get(m), label=f"{m} bound (K at q0.9)")
-        if drawn:
-            ax.legend(fontsize=8)
-            paths.append(_save(fig, out / "lipschitz.png"))
-        plt.close(fig)
+        figures["lipschitz"] = _done(fig, drawn)
     fig, ax = _figure("Logit lens at the answer: KL(P(X_j+1) || P(X_j))", "KL (nats)", log=True)
-    if _line(ax, layers, functional["logit_lens"]["kl"], "answer position (text)", COLORS["text"]):
-        ax.legend(fontsize=8)
-        paths.append(_save(fig, out / "logit_lens.png"))
-    plt.close(fig)
+    figures["logit_lens"] = _done(fig, _line(ax, layers, functional["logit_lens"]["kl"], "answer position (text)",
+                                             COLORS["text"]))  # fmt: skip
     var = result["measures"].get("var")
     if var is not None:
         fig, ax = _figure("VAR: attention of text queries on vision keys", "share of attention")
@@ -129,7 +135,21 @@ def plot_analysis(result: dict, out_dir: str | Path) -> list[Path]:
             ax2.plot(layers, _arr(var["var_normalised"]["mean"]), ls="--", color="tab:gray", label="normalised")
             ax2.axhline(1.0, color="tab:gray", lw=0.5)
             ax2.set_ylabel("VAR / vision share of keys (dashed)")
-            ax.legend(fontsize=8, loc="upper right")
-            paths.append(_save(fig, out / "var.png"))
-        plt.close(fig)
-    return [p for p in paths if p is not None]
+        figures["var"] = _done(fig, drawn, loc="upper right")
+    return {name: fig for name, fig in figures.items() if fig is not None}
+
+
+def plot_analysis(result: dict, out_dir: str | Path) -> list[Path]:
+    """Write the PNGs of every measure present in `result` (analysis.json content) to out_dir."""
+    plt = _pyplot()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    figures = measure_figures(result)
+    paths = []
+    try:
+        for name, fig in figures.items():
+            paths.append(_save(fig, out / f"{name}.png"))
+    finally:
+        for fig in figures.values():
+            plt.close(fig)
+    return paths

@@ -14,6 +14,7 @@ So:
 - the attention mask is built here for each group of layers that cache the same tokens, from each cached key's
   original sequence index (causality) and validity (left padding, and padding slots when rows have different
   numbers of vision tokens: the subset is padded to the longest row and the extra slots masked).
+An empty plan passes every call straight to the original layers (no bookkeeping, so no overhead).
 Late entry `frozen` first writes the vision tokens' keys/values to the layer's cache (k and v projections only, for
 the attention classes `skipit.adapters.base.KEYS_VALUES_ONLY` lists; otherwise the whole attention runs and its
 output is discarded), then runs the whole layer on the text tokens, which attend to those keys.
@@ -115,6 +116,8 @@ class SkipLayer(nn.Module):
         return f"role={self.role!r}"
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.runtime.passthrough:  # an empty plan changes nothing: no bookkeeping at all
+            return self.base_layer(hidden_states, *args, **kwargs)
         if args:
             raise SkipitError("skipit expects decoder layers to be called with keyword arguments (transformers 5)")
         if self.role == SKIP:
@@ -324,6 +327,7 @@ class _Runtime:
 
     def __init__(self, model: nn.Module, adapter: Adapter, plan: Plan):
         self.adapter, self.plan = adapter, plan
+        self.passthrough = plan.is_empty
         self.signature = inspect.signature(model.forward)
         self.var_kwargs = next(
             (p.name for p in self.signature.parameters.values() if p.kind is inspect.Parameter.VAR_KEYWORD), None
@@ -334,6 +338,8 @@ class _Runtime:
         self.hooks = []
 
     def before_forward(self, module, args, kwargs):
+        if self.passthrough:
+            return
         inputs = kwargs  # generate() passes keywords only: binding them to the signature would change nothing
         if args:
             inputs = dict(self.signature.bind_partial(*args, **kwargs).arguments)

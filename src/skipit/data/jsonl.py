@@ -1,11 +1,12 @@
 """Load VQA / captioning records from JSONL: one object per line with at least "id", "image" and
-"question"; "answer" and "caption" are needed only by the tasks that score them. Relative image paths
-are resolved against the JSONL file's folder.
+"question"; "answer" (or "answers", a list of reference answers, as in VQA) and "caption" are needed only by
+the tasks that score them. Relative image paths are resolved against the JSONL file's folder.
 """
 
 from __future__ import annotations
 
 import json
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,7 +22,8 @@ class Record:
     id: str
     image: Path
     question: str
-    answer: str | None = None
+    answer: str | None = None  # with "answers" only: the most common of them (VQA's multiple_choice_answer)
+    answers: list[str] | None = None  # several reference answers, for VQA soft accuracy
     caption: str | None = None
     extra: dict = field(default_factory=dict)
 
@@ -45,6 +47,14 @@ def resolve(path: str | Path) -> Path:
     return p
 
 
+def _answers(value, where: str) -> list[str] | None:
+    if value is None:
+        return None
+    if not isinstance(value, list) or not value or not all(isinstance(a, str | int | float) for a in value):
+        raise SkipitError(f'{where}: "answers" must be a non-empty list of strings')
+    return [str(a) for a in value]
+
+
 def load_records(path: str | Path, limit: int | None = None, check_images: bool = True) -> list[Record]:
     """Parse and validate a JSONL data file; errors name the line (and record) to fix."""
     p = resolve(path)
@@ -62,13 +72,18 @@ def load_records(path: str | Path, limit: int | None = None, check_images: bool 
             missing = [k for k in REQUIRED if k not in obj]
             if missing:
                 raise SkipitError(f"{p}:{lineno}: record lacks {', '.join(missing)}")
+            answers = _answers(obj.get("answers"), f"{p}:{lineno}")
+            answer = obj.get("answer")
+            if answer is None and answers:
+                answer = Counter(answers).most_common(1)[0][0]
             rec = Record(
                 id=str(obj["id"]),
                 image=(p.parent / obj["image"]).resolve(),
                 question=str(obj["question"]),
-                answer=None if obj.get("answer") is None else str(obj["answer"]),
+                answer=None if answer is None else str(answer),
+                answers=answers,
                 caption=obj.get("caption"),
-                extra={k: v for k, v in obj.items() if k not in (*REQUIRED, "answer", "caption")},
+                extra={k: v for k, v in obj.items() if k not in (*REQUIRED, "answer", "answers", "caption")},
             )
             if check_images and not rec.image.is_file():
                 raise SkipitError(f"{p}:{lineno}: record {rec.id!r}: image file {rec.image} does not exist")

@@ -173,3 +173,9 @@ def write_split(out_dir: str | Path, split: str, n: int | None = None, seed: int
     tmp.write_text("\n".join(lines) + "\n")
     os.replace(tmp, root / "data.jsonl")
     return root / "data.jsonl"
+
+
+def ensure_split(root: str | Path, split: str) -> Path:
+    """The standard split under `root` (its data.jsonl), generated on first use."""
+    path = Path(root) / split / "data.jsonl"
+    return path if path.is_file() else write_split(root, split)

@@ -6,6 +6,7 @@ Every later command loads the result with `from_pretrained(path)`, the same code
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import tempfile
@@ -30,6 +31,9 @@ from skipit.errors import SkipitError
 VERSION = "1"  # bump when the assembled model changes, so stale caches are rebuilt
 IMAGE_SIZE = 112  # 8 x 8 patches of 14 px -> 64 vision tokens
 IMAGE_TOKEN = "<image>"
+# DINOv2 hidden states fed to the projector (LLaVA's vision_feature_layer; a list is concatenated): a middle layer
+# keeps the colour and position detail the last layers abstract away, the second-to-last gives the shapes.
+FEATURE_LAYERS: int | list[int] = -2
 # The trained parts: the projector, and LoRA factors merged into the language model's attention projections.
 TRAINED_FILE = Path(__file__).with_name("mini_llava_trained.safetensors")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -108,7 +112,7 @@ def assemble(trained: dict[str, torch.Tensor] | None = None):
         text_config=text_config,
         image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
         image_seq_length=(IMAGE_SIZE // 14) ** 2,
-        vision_feature_layer=-2,
+        vision_feature_layer=FEATURE_LAYERS,
         vision_feature_select_strategy="default",
         projector_hidden_act="gelu",
         tie_word_embeddings=True,
@@ -149,6 +153,10 @@ def build(out: str | Path | None = None, trained: str | Path = TRAINED_FILE) -> 
     try:
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
+        (tmp / STAMP).write_text(_digest(trained) + "\n")
+        for f in tmp.iterdir():  # a cache others may read, like a downloaded checkpoint
+            f.chmod(0o644)
+        tmp.chmod(0o755)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
@@ -157,9 +165,18 @@ def build(out: str | Path | None = None, trained: str | Path = TRAINED_FILE) -> 
     return out
 
 
+STAMP = "skipit-trained.sha256"  # which trained weights the cached model was built from
+
+
+def _digest(path: str | Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
 def ensure_built() -> Path:
-    """Path of the cached mini-llava, building it on first use."""
+    """Path of the cached mini-llava, (re)building it when missing or built from other trained weights."""
     path = default_model_path()
-    if not (path / "config.json").is_file():
+    stamp = path / STAMP
+    current = stamp.is_file() and stamp.read_text().strip() == _digest(TRAINED_FILE)
+    if not (path / "config.json").is_file() or not current:
         build(path)
     return path

@@ -16,6 +16,7 @@ import math
 import random
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -33,63 +34,101 @@ def vision_features(model, processor, images, batch_size: int = 64) -> torch.Ten
     out = []
     for i in range(0, len(images), batch_size):
         pixels = processor.image_processor(images[i:i + batch_size], return_tensors="pt")["pixel_values"]
-        hs = model.model.vision_tower(pixels, output_hidden_states=True).hidden_states[cfg.vision_feature_layer]
+        pixels = pixels.to(model.device)
+        hidden = model.model.vision_tower(pixels, output_hidden_states=True).hidden_states
+        layers = cfg.vision_feature_layer if isinstance(cfg.vision_feature_layer, list) else [cfg.vision_feature_layer]
+        hs = torch.cat([hidden[j] for j in layers], dim=-1)  # as LlavaModel.get_image_features concatenates them
         out.append(hs[:, 1:] if cfg.vision_feature_select_strategy == "default" else hs)
     return torch.cat(out)
 
 
-def tokenize(processor, model, conversations) -> list[tuple[list[int], list[int]]]:
-    """Token ids of each multi-turn conversation about one image, and the positions of its answer tokens.
+class Packed(NamedTuple):
+    """One image's questions packed into one row: the shared prefix (system prompt and image), then each
+    question-and-answer as its own segment that sees the prefix and itself only."""
 
-    A conversation is a list of (question, answer) turns; the image goes with the first question, as in LLaVA's
-    multi-turn instruction data. Targets are each answer and its end-of-turn token.
+    ids: list[int]
+    positions: list[int]  # each segment continues from the prefix, exactly as if asked alone
+    segments: list[int]  # 0: shared prefix; i: the i-th question
+    targets: list[int]  # indices of answer tokens (each answer and its end-of-turn token)
+
+
+def tokenize(processor, model, conversations) -> list[Packed]:
+    """Pack every question about one image into one training row.
+
+    Each question is tokenized as the single-turn prompt `vqa.answer` uses at inference; the tokens up to the last
+    image token are the same for all of them and are kept once. Segments do not see each other, so no answer can
+    be copied from another question about the same image (with plain multi-turn data "What shape is the blue
+    object? square" gives away "What color is the square?"), while the image is still run once for all.
     """
     tok = processor.tokenizer
     n_img = model.config.image_seq_length
+    image_id = model.config.image_token_id
     out = []
     for turns in conversations:
+        prefix: list[int] | None = None
         ids: list[int] = []
+        positions: list[int] = []
+        segments: list[int] = []
         targets: list[int] = []
-        for i, (question, answer) in enumerate(turns):
-            messages = vqa.prompt_messages(question, with_image=i == 0)
-            if i:  # later turns: just this user turn, without the system prompt the template adds to a first turn
-                messages = [{"role": "system", "content": ""}, *messages]
-            text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-            if i:
-                text = text[text.index("<|im_start|>user"):]
-            text = text.replace(processor.image_token, processor.image_token * n_img)
-            ids += tok(text, add_special_tokens=False)["input_ids"]
+        for i, (question, answer) in enumerate(turns, start=1):
+            text = vqa.prompt_text(processor, question).replace(processor.image_token, processor.image_token * n_img)
+            q_ids = tok(text, add_special_tokens=False)["input_ids"]
+            split = len(q_ids) - q_ids[::-1].index(image_id)
+            if prefix is None:
+                prefix = q_ids[:split]
+                ids, positions, segments = list(prefix), list(range(split)), [0] * split
+            elif q_ids[:split] != prefix:
+                raise ValueError("questions about one image must share the prompt up to the image")
             a_ids = tok(answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-            targets += range(len(ids), len(ids) + len(a_ids))
-            ids += a_ids + tok("\n", add_special_tokens=False)["input_ids"]
-        out.append((ids, targets))
+            rest = q_ids[split:]
+            targets += range(len(ids) + len(rest), len(ids) + len(rest) + len(a_ids))
+            ids += rest + a_ids
+            positions += range(split, split + len(rest) + len(a_ids))
+            segments += [i] * (len(rest) + len(a_ids))
+        out.append(Packed(ids, positions, segments, targets))
     return out
 
 
-def batch_loss(model, feats: torch.Tensor, seqs: list[tuple[list[int], list[int]]], image_token_id: int):
-    """Mean cross-entropy over the answer tokens of a batch of tokenized conversations."""
+def packed_mask(segments: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Boolean (batch, 1, T, T) attention mask, True where query t may see key s: causal, and s is in the shared
+    prefix or in t's own segment. Padding is seen by nobody (a padding row sees itself, to keep softmax finite)."""
+    t = segments.shape[1]
+    causal = torch.ones(t, t, dtype=torch.bool, device=segments.device).tril()
+    same = (segments[:, :, None] == segments[:, None, :]) | (segments[:, None, :] == 0)
+    mask = causal & same & valid[:, None, :] & valid[:, :, None]
+    mask |= torch.eye(t, dtype=torch.bool, device=segments.device)
+    return mask[:, None]
+
+
+def batch_loss(model, feats: torch.Tensor, seqs: list[Packed], image_token_id: int):
+    """Mean cross-entropy over the answer tokens of a batch of packed rows."""
     lm = model.model.language_model
     pad = model.generation_config.pad_token_id
-    width = max(len(ids) for ids, _ in seqs)
+    width = max(len(s.ids) for s in seqs)
     ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, (s, _) in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(s)
-        mask[i, : len(s)] = 1
+    positions = torch.zeros_like(ids)
+    segments = torch.full_like(ids, -1)
+    for i, s in enumerate(seqs):
+        n = len(s.ids)
+        ids[i, :n] = torch.tensor(s.ids)
+        positions[i, :n] = torch.tensor(s.positions)
+        segments[i, :n] = torch.tensor(s.segments)
+    ids, positions, segments = ids.to(model.device), positions.to(model.device), segments.to(model.device)
     embeds = lm.embed_tokens(ids)
     image_mask = ids == image_token_id
     projected = model.model.multi_modal_projector(feats)
     embeds = embeds.masked_scatter(image_mask[..., None], projected.reshape(-1, projected.shape[-1]).to(embeds.dtype))
-    hidden = lm(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+    mask = packed_mask(segments, segments >= 0)
+    hidden = lm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions).last_hidden_state
     # predict token t+1 from position t, only over answer tokens: the LM head runs on those rows alone
     rows, cols, targets = [], [], []
-    for i, (s, answer_positions) in enumerate(seqs):
-        for t in answer_positions:
+    for i, s in enumerate(seqs):
+        for t in s.targets:
             rows.append(i)
             cols.append(t - 1)
-            targets.append(s[t])
+            targets.append(s.ids[t])
     logits = model.lm_head(hidden[rows, cols])
-    return F.cross_entropy(logits.float(), torch.tensor(targets))
+    return F.cross_entropy(logits.float(), torch.tensor(targets, device=logits.device))
 
 
 def training_scenes(n: int, seed: int):
@@ -100,7 +139,9 @@ def training_scenes(n: int, seed: int):
 
 
 def cached_features(model, processor, images, n: int, seed: int) -> torch.Tensor:
-    path = cache_dir() / f"shapes-train-conversation-features-{n}-{seed}.safetensors"
+    layers = model.config.vision_feature_layer
+    tag = "_".join(map(str, layers)) if isinstance(layers, list) else str(layers)
+    path = cache_dir() / f"shapes-train-features-{n}-{seed}-layers{tag}.safetensors"
     if path.is_file():
         return load_file(str(path))["features"]
     feats = vision_features(model, processor, images)
@@ -129,12 +170,12 @@ def trained_state(model, rank: int, alpha: float) -> dict[str, torch.Tensor]:
         if hasattr(module, "lora_A") and "default" in module.lora_A:
             state[f"lora.{name}.A"] = module.lora_A["default"].weight
             state[f"lora.{name}.B"] = module.lora_B["default"].weight * (alpha / rank)
-    return {k: v.detach().half().contiguous() for k, v in state.items()}  # fp16 halves the committed file
+    return {k: v.detach().cpu().half().contiguous() for k, v in state.items()}  # fp16 halves the committed file
 
 
 def train(
     out: str | Path,
-    steps: int = 350,
+    steps: int = 500,
     batch_size: int = 8,
     lr: float = 2e-3,
     lora_rank: int = 16,
@@ -145,10 +186,12 @@ def train(
     bf16: bool = True,
     checkpoint_every: int = 50,
     log: Callable[[int, int, float], None] | None = None,
+    device: str = "cpu",
 ) -> Path:
     """Train and save the projector (+ LoRA factors) as safetensors at `out` (temp file, then rename)."""
     torch.manual_seed(seed)
     model, processor = assemble(trained=None)
+    model.to(device)
     model.requires_grad_(False)
     projector = model.model.multi_modal_projector
     projector.requires_grad_(True)
@@ -157,7 +200,7 @@ def train(
         groups.append({"params": add_lora(model, lora_rank, lora_alpha), "lr": lora_lr})
 
     images, conversations = training_scenes(n_train, seed)
-    feats = cached_features(model, processor, images, n_train, seed)
+    feats = cached_features(model, processor, images, n_train, seed).to(device)
     seqs = tokenize(processor, model, conversations)
     image_token_id = model.config.image_token_id
 
@@ -178,7 +221,7 @@ def train(
             order += rng.sample(range(len(seqs)), len(seqs))
         idx, order = order[:batch_size], order[batch_size:]
         # bf16 autocast: ~1.5x faster on CPUs with AVX512-BF16; the trained weights stay fp32
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
             loss = batch_loss(model, feats[idx], [seqs[i] for i in idx], image_token_id)
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -1,8 +1,10 @@
-"""Visual question answering: prompts, batched greedy answers, and exact-match scoring."""
+"""Visual question answering: prompts, batched greedy answers, exact-match and VQA soft-accuracy scoring, the
+"needs the image" breakdown of a blind run, and the speed of generation on one batch of evaluation prompts."""
 
 from __future__ import annotations
 
 import re
+import statistics
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 
@@ -29,6 +31,20 @@ def exact_match(prediction: str, answer: str) -> bool:
     return normalize_answer(prediction) == normalize_answer(answer)
 
 
+def soft_accuracy(prediction: str, answers: Sequence[str]) -> float:
+    """The VQA metric: min(#references equal to the prediction / 3, 1), averaged over the subsets that leave one
+    reference out (VQA's 10 answers give its 10-choose-9 subsets). With one reference, there is nothing to leave
+    out and it is plain exact match."""
+    if not answers:
+        raise ValueError("soft accuracy needs at least one reference answer")
+    pred = normalize_answer(prediction)
+    hits = [normalize_answer(a) == pred for a in answers]
+    if len(hits) == 1:
+        return float(hits[0])
+    total = sum(hits)
+    return sum(min((total - h) / 3, 1.0) for h in hits) / len(hits)
+
+
 def prompt_messages(question: str, with_image: bool = True) -> list[dict]:
     content = [{"type": "image"}] if with_image else []
     content.append({"type": "text", "text": f"{question}\n{ANSWER_INSTRUCTION}"})
@@ -39,7 +55,24 @@ def prompt_text(processor, question: str) -> str:
     return processor.apply_chat_template(prompt_messages(question), add_generation_prompt=True, tokenize=False)
 
 
+# ---------------------------------------------------------------- generation (shared with captioning)
+
+
+def batch_inputs(model, processor, images: Sequence[Image.Image], texts: Sequence[str]) -> dict:
+    # left padding whatever the saved tokenizer says: generation continues from each row's last token
+    inputs = processor(images=list(images), text=list(texts), return_tensors="pt", padding=True, padding_side="left")
+    return dict(inputs.to(model.device))
+
+
 @torch.inference_mode()
+def generate_texts(model, processor, images: Sequence[Image.Image], texts: Sequence[str], max_new_tokens: int):
+    """Greedy continuations of one batch of chat-formatted prompts (one image each), stripped."""
+    inputs = batch_inputs(model, processor, images, texts)
+    out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    new = out[:, inputs["input_ids"].shape[1]:]
+    return [s.strip() for s in processor.batch_decode(new, skip_special_tokens=True)]
+
+
 def answer(
     model,
     processor,
@@ -47,13 +80,64 @@ def answer(
     questions: Sequence[str],
     max_new_tokens: int = 8,
 ) -> list[str]:
-    """Greedy answers for one batch (left padding, so every row continues from its last prompt token)."""
+    """Greedy answers for one batch."""
     texts = [prompt_text(processor, q) for q in questions]
-    # left padding whatever the saved tokenizer says: generation continues from each row's last token
-    inputs = processor(images=list(images), text=texts, return_tensors="pt", padding=True, padding_side="left")
-    out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-    new = out[:, inputs["input_ids"].shape[1]:]
-    return [s.strip() for s in processor.batch_decode(new, skip_special_tokens=True)]
+    return generate_texts(model, processor, images, texts, max_new_tokens)
+
+
+def measure_speed(model, processor, images, texts, new_tokens: int = 16, repeats: int = 3) -> dict:
+    """Prefill, time to first token, decode speed and peak memory of generation on one batch of prompts, under
+    whatever plan the model follows now (medians of `repeats` runs after one warm-up run).
+
+    The vision encoder runs once beforehand and is reported apart: a plan changes the language backbone only.
+    Peak memory is CUDA's peak allocated, or on CPU the process' peak resident set over the run (see `speed`).
+    """
+    from skipit.evaluation import speed
+
+    encoded, encode_s = speed.encode_images(model, batch_inputs(model, processor, images, texts))
+    runs = speed.compare(model, encoded, {"eval": None}, new_tokens=new_tokens, repeats=repeats)["eval"]
+
+    def median(key: Callable[[speed.Run], float]) -> float:
+        return statistics.median(key(r) for r in runs)
+
+    return {
+        "batch": len(texts),
+        "prompt_tokens": encoded["input_ids"].shape[1],
+        "new_tokens": new_tokens,
+        "repeats": repeats,
+        "device": str(model.device),
+        "vision_encoder_ms": 1e3 * encode_s,
+        "prefill_ms": 1e3 * median(lambda r: r.prefill_s),
+        "first_token_ms": 1e3 * median(lambda r: r.first_token_s),
+        "decode_tokens_per_s": median(lambda r: r.tokens_per_s),
+        "kv_cache_mib": median(lambda r: r.kv_bytes) / 2**20,
+        "peak_memory_mib": median(lambda r: r.peak_bytes) / 2**20,
+        "peak_memory_kind": "cuda_max_allocated" if model.device.type == "cuda" else "peak_resident_set",
+    }
+
+
+# ---------------------------------------------------------------- scoring
+
+
+def check_scorable(records) -> None:
+    unscored = [r.id for r in records if r.answer is None]
+    if unscored:
+        raise SkipitError(f"{len(unscored)} records have no \"answer\" to score (first: {unscored[0]!r})")
+
+
+def summarize(rows: list[dict]) -> dict:
+    """Exact-match and soft accuracy of prediction rows, overall and per question type (None: no rows)."""
+    per_type: dict[str, list[dict]] = defaultdict(list)
+    for row in rows:
+        per_type[row["type"]].append(row)
+
+    def mean(rs: list[dict], key: str) -> float | None:
+        return sum(r[key] for r in rs) / len(rs) if rs else None
+
+    def scores(rs: list[dict]) -> dict:
+        return {"accuracy": mean(rs, "correct"), "soft_accuracy": mean(rs, "soft"), "n": len(rs)}
+
+    return {**scores(rows), "per_type": {t: scores(rs) for t, rs in sorted(per_type.items())}}
 
 
 def evaluate(
@@ -64,14 +148,13 @@ def evaluate(
     blind: bool = False,
     on_batch: Callable[[int], None] | None = None,
 ) -> dict:
-    """Exact-match accuracy overall and per question type (record.extra["type"], if any).
+    """Exact-match and VQA soft accuracy overall and per question type (record.extra["type"], if any).
 
+    Soft accuracy scores against every reference answer of a record ("answers"), or against its one "answer".
     `blind=True` replaces every image with a blank one of the same size: what the model gets right then,
     it gets right without looking.
     """
-    unscored = [r.id for r in records if r.answer is None]
-    if unscored:
-        raise SkipitError(f"{len(unscored)} records have no \"answer\" to score (first: {unscored[0]!r})")
+    check_scorable(records)
     predictions = []
     for start in range(0, len(records), batch_size):
         batch = records[start:start + batch_size]
@@ -81,16 +164,23 @@ def evaluate(
         predictions += answer(model, processor, images, [r.question for r in batch])
         if on_batch:
             on_batch(len(batch))
-    per_type: dict[str, list[bool]] = defaultdict(list)
-    rows = []
-    for rec, pred in zip(records, predictions, strict=True):
-        ok = exact_match(pred, rec.answer)
-        per_type[rec.extra.get("type", "all")].append(ok)
-        rows.append({"id": rec.id, "question": rec.question, "answer": rec.answer, "prediction": pred, "correct": ok})
-    n_ok = sum(r["correct"] for r in rows)
+    rows = [_row(rec, pred) for rec, pred in zip(records, predictions, strict=True)]
+    return {**summarize(rows), "predictions": rows}
+
+
+def _row(rec, prediction: str) -> dict:
+    references = rec.answers or [rec.answer]
     return {
-        "accuracy": n_ok / len(rows),
-        "n": len(rows),
-        "per_type": {t: {"accuracy": sum(v) / len(v), "n": len(v)} for t, v in sorted(per_type.items())},
-        "predictions": rows,
-    }
+        "id": rec.id, "type": rec.extra.get("type", "all"), "question": rec.question, "answer": rec.answer,
+        "answers": references, "prediction": prediction, "correct": exact_match(prediction, rec.answer),
+        "soft": soft_accuracy(prediction, references),
+    }  # fmt: skip
+
+
+def needs_image(seeing: dict, blind: dict) -> dict:
+    """Scores of the run with images on the questions its blind run gets wrong (exact match): those cannot be
+    answered from the question alone, so only they show whether the model uses the image."""
+    pairs = list(zip(seeing["predictions"], blind["predictions"], strict=True))
+    if any(s["id"] != b["id"] for s, b in pairs):
+        raise ValueError("the two runs must score the same records in the same order")
+    return summarize([s for s, b in pairs if not b["correct"]])

@@ -1,0 +1,99 @@
+"""`skipit demo`: the whole pipeline on mini-llava, offline — build/load, analyze, plan, sweep with baselines, report.
+
+Sized for a 2-core CPU: a small calibration set, a coarse plan grid and one FLOPs budget (the one skipit's own plan
+reaches, so every baseline is compared with it at the same compute). Every step writes into RUN_DIR and is skipped
+on a rerun when its result is already there, so an interrupted demo resumes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.console import Console
+
+from skipit import models
+from skipit.data.jsonl import load_records
+from skipit.data.shapes import ensure_split
+from skipit.demo.build import cache_dir, ensure_built
+from skipit.errors import SkipitError
+from skipit.plan import Plan
+from skipit.progress import progress
+
+
+@dataclass
+class DemoConfig:
+    n_calib: int = 32  # calibration records analysed
+    n_test: int = 100  # test questions scored per plan
+    step: int = 10  # layer spacing of the plan grid
+    batch_size: int = 16
+    repeats: int = 2  # speed measurement rounds per plan
+
+
+def shapes_split(split: str) -> Path:
+    return ensure_split(cache_dir() / "shapes", split)
+
+
+def run(run_dir: str | Path, config: DemoConfig | None = None, model_path: str | Path | None = None,
+        console: Console | None = None) -> dict:  # fmt: skip
+    """Run (or resume) the demo in `run_dir`; returns the headline numbers."""
+    from skipit.analysis import Analysis, analyze
+    from skipit.evaluation import sweep
+    from skipit.planner import make_plan
+    from skipit.report import write_report
+
+    config = config or DemoConfig()
+    console = console or Console()
+    run_dir = Path(run_dir)
+    with console.status("building mini-llava and the shapes splits (first run only)"):
+        path = model_path or ensure_built()
+        calib = load_records(shapes_split("calibration"), limit=config.n_calib)
+        test = load_records(shapes_split("test"), limit=config.n_test)
+    model, processor = models.load(path)
+
+    # 1. analyze
+    if (run_dir / "analysis.json").is_file():
+        analysis = Analysis.load(run_dir).result
+        if analysis["model"]["fingerprint"] != Plan.for_model(model).fingerprint:
+            raise SkipitError(f"{run_dir} holds a run of another model: choose another --out")
+    else:
+        with progress("ex") as bar:
+            task = bar.add_task("1/4 analyze (calibration)", total=len(calib))
+            analysis = analyze(model, processor, calib, batch_size=8, run_dir=run_dir, model_path=str(path),
+                               data_path=str(shapes_split("calibration")),
+                               on_batch=lambda n: bar.advance(task, n)).result  # fmt: skip
+    # 2. plan
+    plan = make_plan(analysis)
+    if plan.is_empty:  # nothing meets the default conditions: take the cheapest 20 % instead, and say so
+        console.print("no layer meets the default conditions; planning the cheapest 20 % of FLOPs instead")
+        plan = make_plan(analysis, budget=0.2)
+    plan.save(run_dir / "plan.json")
+    saving = plan.evidence["predicted"]["saving"]
+    console.print(f"2/4 plan: {saving:.1%} of FLOPs predicted removed ({run_dir / 'plan.json'})")
+
+    # 3. sweep: the grid, skipit's plan, and the baselines at the FLOPs skipit's plan removes
+    plans = sweep.grid(model, config.step)
+    encoded = sweep.speed_batch(model, processor, test)
+    with console.status("3/4 ranking layers for the baselines"):
+        plans |= sweep.compared_plans(model, processor, calib[:20], analysis, encoded, [round(saving, 3)])
+    plans["skipit"] = ("skipit", plan)
+    with progress("plan") as bar:
+        task = bar.add_task("3/4 sweep: plans scored and timed", total=len(plans))
+        summary = sweep.run(model, processor, test, run_dir, plans, analysis=analysis, batch_size=config.batch_size,
+                            repeats=config.repeats, on_plan=lambda name: bar.advance(task))  # fmt: skip
+
+    # 4. report
+    with console.status("4/4 writing the report"):
+        report_path = write_report(run_dir)
+    rows = {r["name"]: r for r in summary["plans"]}
+    mine, ref = rows["skipit"], rows["empty"]
+    return {
+        "flops_removed": mine["flops_saving"],
+        "prefill_speedup": mine["prefill_speedup"],
+        "decode_speedup": mine["decode_speedup"],
+        "accuracy": mine["accuracy"],
+        "reference_accuracy": ref["accuracy"],
+        "accuracy_kept": mine["accuracy"] / ref["accuracy"] if ref["accuracy"] else None,
+        "report": str(report_path),
+        "run_dir": str(run_dir),
+    }

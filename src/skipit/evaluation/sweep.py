@@ -1,0 +1,203 @@
+"""`skipit sweep`: many plans on one benchmark, and whether the measures predicted what each plan cost.
+
+Per plan: VQA accuracy on the same records, FLOPs saving, ideal and measured speed-ups (measured side by side with
+the untouched model on one batch of the benchmark's prompts). With an analysis of the model, also what each measure
+predicted (`skipit.planner.predicted_damage`), whether the default conditions call the plan safe, the Spearman rank
+correlation between each measure's prediction and the measured accuracy drop (bootstrap CI over plans), and every
+plan called safe that still loses more than `lost_points` points: the framework's own falsification test.
+
+Each plan's result is written to RUN_DIR/plans/NAME.json as soon as it is measured, so an interrupted sweep resumes
+without redoing finished plans; RUN_DIR/sweep.json holds everything at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Callable
+from pathlib import Path
+
+from skipit import baselines
+from skipit.errors import SkipitError
+from skipit.evaluation import speed, vqa
+from skipit.io import write_json
+from skipit.plan import Plan
+from skipit.planner import MEASURES, is_safe, make_plan, predicted_damage
+from skipit.skipping import apply_plan, remove_plan
+
+FORMAT, VERSION = "skipit-sweep", 1
+GRID = ("late_entry", "early_exit", "vision_frozen", "layer_skip")  # the families the correlations are over
+
+
+def grid(model, step: int = 3) -> dict[str, tuple[str, Plan]]:
+    """name -> (family, plan): every late entry k and early exit m, every single layer skipped for vision tokens
+    (frozen) and for all tokens, at layer spacing `step`."""
+    if step < 1:
+        raise SkipitError(f"step must be at least 1, got {step}")
+    empty = Plan.for_model(model)
+    L = empty.num_layers
+
+    def plan(**kw) -> Plan:
+        return Plan(empty.architecture, L, empty.fingerprint, **kw)
+
+    out = {"empty": ("empty", empty)}
+    out |= {f"late_entry_{k}": ("late_entry", plan(late_entry=k)) for k in range(step, L, step)}
+    out |= {f"early_exit_{m}": ("early_exit", plan(early_exit=m)) for m in range(L - 1 - step, -1, -step)}
+    out |= {f"vision_frozen_{j}": ("vision_frozen", plan(frozen_vision_layers=[j])) for j in range(0, L, step)}
+    out |= {f"layer_skip_{j}": ("layer_skip", plan(skip_layers=[j])) for j in range(0, L, step)}
+    return out
+
+
+def compared_plans(model, processor, calib, analysis: dict, encoded: dict, budgets: list[float],
+                   methods: tuple[str, ...] = baselines.METHODS) -> dict[str, tuple[str, Plan]]:  # fmt: skip
+    """skipit's own plan (default thresholds), and skipit and each baseline at every FLOPs budget ("method@budget").
+    A method that cannot reach a budget (say, VTW past what removing every vision token saves) is left out there."""
+    out = {"skipit": ("skipit", make_plan(analysis))}
+    cache: dict = {}
+    for b in budgets:
+        for method in ("skipit", *methods):
+            try:
+                plan = (make_plan(analysis, budget=b) if method == "skipit" else
+                        baselines.baseline_plan(method, model, processor, calib, encoded, b, analysis=analysis,
+                                                cache=cache))  # fmt: skip
+            except SkipitError:
+                continue
+            out[f"{method}@{b:g}"] = ("skipit" if method == "skipit" else "baseline", plan)
+    return out
+
+
+def measure_plan(model, processor, records, plan: Plan, encoded: dict, batch_size: int, repeats: int) -> dict:
+    """Accuracy of `plan` on `records`, and its speed measured side by side with the untouched model."""
+    apply_plan(model, plan)
+    try:
+        result = vqa.evaluate(model, processor, records, batch_size=batch_size)
+    finally:
+        remove_plan(model)
+    configs = {"untouched": None, "plan": plan}
+    runs = speed.compare(model, encoded, configs, new_tokens=8, repeats=repeats)
+    row = speed.speed_rows(model, encoded, configs, runs, new_tokens=8)[1]
+    base = speed.prompt_costs(model, encoded, None, 8)["prefill"]
+    mine = speed.prompt_costs(model, encoded, plan, 8)["prefill"]
+    return {
+        "accuracy": result["accuracy"],
+        "per_type": {t: v["accuracy"] for t, v in result["per_type"].items()},
+        "predictions": result["predictions"],
+        "flops_saving": 1 - mine / base,
+        "ideal_prefill_speedup": row["ideal_prefill_speedup"],
+        "prefill_speedup": row["prefill_speedup"],
+        "decode_speedup": row["decode_speedup"],
+        "ideal_decode_speedup": row["ideal_decode_speedup"],
+        "kv_memory": row["kv_ratio"],
+    }
+
+
+def speed_batch(model, processor, records, n: int = 8) -> dict:
+    """One batch of the benchmark's own prompts, vision features precomputed, for the speed measurements."""
+    rows = records[:n]
+    texts = [vqa.prompt_text(processor, r.question) for r in rows]
+    inputs = vqa.batch_inputs(model, processor, [r.load_image() for r in rows], texts)
+    return speed.encode_images(model, inputs)[0]
+
+
+def run(
+    model,
+    processor,
+    records,
+    run_dir: str | Path,
+    plans: dict[str, tuple[str, Plan]],
+    analysis: dict | None = None,
+    batch_size: int = 16,
+    repeats: int = 3,
+    lost_points: float = 2.0,
+    on_plan: Callable[[str], None] | None = None,
+) -> dict:
+    """Measure every plan (resuming from RUN_DIR/plans/), then correlate; writes RUN_DIR/sweep.json."""
+    if not records:
+        raise SkipitError("the sweep has no records to score")
+    run_dir = Path(run_dir)
+    if "empty" not in plans:
+        raise SkipitError("a sweep needs the empty plan as its reference")
+    encoded = speed_batch(model, processor, records)
+    done = {}
+    for name, (family, plan) in plans.items():
+        path = run_dir / "plans" / f"{name}.json"
+        if path.is_file():
+            saved = json.loads(path.read_text())
+            if saved["plan"] == plan.to_dict() and saved["n"] == len(records):
+                done[name] = saved
+                if on_plan:
+                    on_plan(name)
+                continue
+        row = {"name": name, "family": family, "plan": plan.to_dict(), "n": len(records)}
+        row |= measure_plan(model, processor, records, plan, encoded, batch_size, repeats)
+        write_json(path, row)
+        done[name] = row
+        if on_plan:
+            on_plan(name)
+    return summarise(done, analysis, run_dir, lost_points, meta={"n": len(records)})
+
+
+def summarise(done: dict[str, dict], analysis: dict | None, run_dir: Path, lost_points: float, meta: dict) -> dict:
+    reference = done["empty"]["accuracy"]
+    rows = []
+    for row in done.values():
+        row = {k: v for k, v in row.items() if k != "predictions"}  # they stay in RUN_DIR/plans/
+        row["accuracy_drop"] = 100 * (reference - row["accuracy"])
+        if analysis is not None:
+            plan = Plan.from_dict(row["plan"])
+            row["predicted"] = predicted_damage(analysis, plan)
+            row["safe"] = is_safe(analysis, plan)
+        rows.append(row)
+    result = {
+        "format": FORMAT, "version": VERSION,
+        "model": {"fingerprint": done["empty"]["plan"]["fingerprint"], "class": done["empty"]["plan"]["architecture"]},
+        "data": meta, "reference": {"accuracy": reference}, "plans": rows,
+    }  # fmt: skip
+    reference_row = done["empty"]
+    result["reference"] |= {k: reference_row[k] for k in ("per_type",)}
+    result["baselines"] = [
+        {"method": r["name"].split("@")[0], "budget": float(r["name"].split("@")[1]) if "@" in r["name"] else None,
+         "flops_saving": r["flops_saving"], "prefill_speedup": r["prefill_speedup"],
+         "decode_speedup": r["decode_speedup"], "accuracy": r["accuracy"],
+         "accuracy_kept": r["accuracy"] / reference if reference else None, "plan": r["plan"]}
+        for r in rows if r["family"] in ("skipit", "baseline")
+    ]  # fmt: skip
+    if analysis is not None:
+        scored = [r for r in rows if r["family"] in GRID]
+        result["correlation"] = correlations(scored)
+        families = sorted({r["family"] for r in scored})
+        result["correlation_by_family"] = {f: correlations([r for r in scored if r["family"] == f]) for f in families}
+        result["safe_but_lost"] = [r["name"] for r in scored if r["safe"] and r["accuracy_drop"] > lost_points]
+        result["lost_points"] = lost_points
+    write_json(run_dir / "sweep.json", result)
+    return result
+
+
+def spearman(x: list[float], y: list[float]) -> float:
+    from scipy.stats import spearmanr
+
+    if len(set(x)) < 2 or len(set(y)) < 2:
+        return float("nan")
+    return float(spearmanr(x, y).statistic)
+
+
+def correlations(rows: list[dict], n_boot: int = 1000, seed: int = 0) -> dict:
+    """Spearman rank correlation between each measure's predicted damage and the measured accuracy drop, with a
+    95 % percentile bootstrap CI over plans."""
+    out = {}
+    rng = random.Random(seed)
+    for measure in MEASURES:
+        pairs = [(r["predicted"][measure], r["accuracy_drop"]) for r in rows if r["predicted"].get(measure) is not None]
+        if len(pairs) < 3:
+            continue
+        x, y = zip(*pairs, strict=True)
+        boots = []
+        for _ in range(n_boot):
+            idx = [rng.randrange(len(pairs)) for _ in pairs]
+            value = spearman([x[i] for i in idx], [y[i] for i in idx])
+            if value == value:  # not NaN
+                boots.append(value)
+        boots.sort()
+        lo, hi = (boots[int(0.025 * len(boots))], boots[int(0.975 * len(boots)) - 1]) if boots else (None, None)
+        out[measure] = {"spearman": spearman(list(x), list(y)), "ci_low": lo, "ci_high": hi, "n": len(pairs)}
+    return out

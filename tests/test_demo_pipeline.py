@@ -1,0 +1,48 @@
+"""The demo pipeline end to end on the tiny LLaVA (the real mini-llava run is `make demo`)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from skipit.data.shapes import write_split
+from skipit.demo import pipeline
+from skipit.plan import Plan
+
+
+@pytest.fixture()
+def tiny_run(tiny_llava, tmp_path, monkeypatch):
+    model, processor = tiny_llava
+    monkeypatch.setenv("SKIPIT_CACHE", str(tmp_path / "cache"))
+    for split, n in (("calibration", 6), ("test", 8)):  # small splits where the demo looks for the standard ones
+        write_split(tmp_path / "cache" / "shapes", split, n=n)
+    model.save_pretrained(tmp_path / "model")
+    processor.save_pretrained(tmp_path / "model")
+    return tmp_path
+
+
+def test_demo_runs_every_step_and_resumes(tiny_run, monkeypatch):
+    config = pipeline.DemoConfig(n_calib=6, n_test=8, step=3, repeats=1)
+    headline = pipeline.run(tiny_run / "run", config, model_path=tiny_run / "model")
+    run = tiny_run / "run"
+    for name in ("analysis.json", "plan.json", "sweep.json", "report.html"):
+        assert (run / name).is_file(), name
+    plan = Plan.load(run / "plan.json")
+    sweep = json.loads((run / "sweep.json").read_text())
+    rows = {r["name"]: r for r in sweep["plans"]}
+    assert rows["skipit"]["plan"] == plan.to_dict()
+    assert headline["flops_removed"] == pytest.approx(rows["skipit"]["flops_saving"])
+    assert headline["accuracy"] == rows["skipit"]["accuracy"]
+    assert {r["method"] for r in sweep["baselines"]} >= {"skipit", "shortgpt", "random"}
+
+    def fail(*args, **kwargs):
+        raise AssertionError("a finished step ran again")
+
+    from skipit import analysis as analysis_mod
+    from skipit.evaluation import sweep as sweep_mod
+
+    monkeypatch.setattr(analysis_mod, "analyze", fail)
+    monkeypatch.setattr(sweep_mod, "measure_plan", fail)
+    again = pipeline.run(run, config, model_path=tiny_run / "model")
+    assert again == headline

@@ -1,0 +1,87 @@
+"""Sweep and baselines on the tiny LLaVA: files, resume, correlations, matched budgets."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from skipit import baselines
+from skipit.analysis import analyze
+from skipit.data.jsonl import load_records
+from skipit.data.shapes import write_split
+from skipit.evaluation import sweep
+from skipit.stats import StatsConfig
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_llava, tmp_path_factory):
+    model, processor = tiny_llava
+    root = tmp_path_factory.mktemp("sweep")
+    test = load_records(write_split(root / "shapes", "test", n=6).parent)
+    calib = load_records(write_split(root / "shapes", "calibration", n=4).parent)
+    torch.manual_seed(0)
+    analysis = analyze(model, processor, calib, batch_size=2, stats_config=StatsConfig(n_bootstrap=5, sketch_size=16))
+    return model, processor, test, calib, analysis.result
+
+
+def test_grid_covers_every_kind_of_plan(tiny_llava):
+    model, _ = tiny_llava
+    plans = sweep.grid(model, step=2)  # 6 layers
+    assert list(plans) == ["empty", "late_entry_2", "late_entry_4", "early_exit_3", "early_exit_1",
+                           "vision_frozen_0", "vision_frozen_2", "vision_frozen_4",
+                           "layer_skip_0", "layer_skip_2", "layer_skip_4"]  # fmt: skip
+    assert plans["early_exit_1"][1].roles() == ["all", "all"] + ["absent"] * 4
+    assert len(sweep.grid(model, step=1)) == 1 + 5 + 5 + 6 + 6
+
+
+def test_sweep_writes_every_plan_and_resumes(setup, tmp_path, monkeypatch):
+    model, processor, test, _, analysis = setup
+    plans = dict(list(sweep.grid(model, step=3).items()))
+    result = sweep.run(model, processor, test, tmp_path, plans, analysis=analysis, repeats=1)
+    assert sorted(p.stem for p in (tmp_path / "plans").glob("*.json")) == sorted(plans)
+    on_disk = json.loads((tmp_path / "sweep.json").read_text())
+    assert on_disk["format"] == "skipit-sweep" and len(on_disk["plans"]) == len(plans)
+    rows = {r["name"]: r for r in result["plans"]}
+    assert rows["empty"]["accuracy_drop"] == 0 and rows["empty"]["flops_saving"] == pytest.approx(0, abs=1e-12)
+    assert rows["layer_skip_3"]["flops_saving"] == pytest.approx(1 / 6, rel=0.02)  # one of six equal layers
+    assert all(r["safe"] in (True, False) and set(r["predicted"]) >= {"geometric", "var"} for r in rows.values())
+    assert set(result["correlation"]) >= {"geometric", "proximal", "var"}
+
+    def fail(*args, **kwargs):
+        raise AssertionError("a finished plan was measured again")
+
+    monkeypatch.setattr(sweep, "measure_plan", fail)
+    again = sweep.run(model, processor, test, tmp_path, plans, analysis=analysis, repeats=1)
+    assert [r["accuracy"] for r in again["plans"]] == [r["accuracy"] for r in result["plans"]]
+
+
+def test_correlations_on_known_rankings():
+    rows = [{"predicted": {"geometric": x, "var": -x}, "accuracy_drop": 2 * x + 1} for x in range(8)]
+    c = sweep.correlations(rows, n_boot=200)
+    assert c["geometric"]["spearman"] == pytest.approx(1.0) and c["geometric"]["ci_low"] == pytest.approx(1.0)
+    assert c["var"]["spearman"] == pytest.approx(-1.0) and c["geometric"]["n"] == 8
+
+
+def test_baselines_meet_the_budget_their_own_way(setup):
+    model, processor, test, calib, analysis = setup
+    encoded = sweep.speed_batch(model, processor, test)
+    cache: dict = {}
+    plans = {m: baselines.baseline_plan(m, model, processor, calib, encoded, 0.08, analysis=analysis, cache=cache)
+             for m in baselines.METHODS}  # fmt: skip
+    for plan in plans.values():
+        assert baselines.saving(model, encoded, plan) >= 0.08  # 4 of about 25 tokens are vision
+    assert plans["vtw"].early_exit is not None and not plans["vtw"].skip_layers
+    assert plans["shortv"].frozen_vision_layers and not plans["shortv"].skip_layers
+    lc = cache["lc"]
+    assert list(plans["shortv"].frozen_vision_layers) == sorted(sorted(range(6), key=lambda j: lc[j])[: len(
+        plans["shortv"].frozen_vision_layers)])  # fmt: skip
+    gromov = plans["gromov"].skip_layers
+    assert list(gromov) == list(range(gromov[0], gromov[0] + len(gromov))) and 5 not in gromov  # contiguous
+    bi = baselines.block_influence(analysis)
+    assert max(bi[j] for j in plans["shortgpt"].skip_layers) <= min(
+        bi[j] for j in range(6) if j not in plans["shortgpt"].skip_layers)  # fmt: skip
+    k, kls = baselines.vtw_own_k(model, processor, calib, threshold=0.01)
+    assert kls[-1] == pytest.approx(0, abs=1e-6)  # exiting after the last layer changes nothing
+    assert k is not None and kls[k] < 0.01 and all(v >= 0.01 for v in kls[:k])
