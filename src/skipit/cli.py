@@ -84,7 +84,7 @@ def demo(
     out: Annotated[Path, typer.Option(help="Run folder (a rerun resumes from it)")] = Path("runs/demo"),
     n_test: Annotated[int, typer.Option(help="Test questions scored per plan")] = 100,
     n_calib: Annotated[int, typer.Option(help="Calibration records analysed")] = 32,
-    step: Annotated[int, typer.Option(help="Layer spacing of the sweep's plan grid")] = 10,
+    step: Annotated[int, typer.Option(help="Layer spacing of the sweep's plan grid")] = 15,
     model: Annotated[Path | None, typer.Option(help="mini-llava folder (default: the cache)")] = None,
 ) -> None:
     """The whole pipeline on mini-llava, offline: build/load, analyze, plan, sweep with baselines, report."""

@@ -25,7 +25,7 @@ from skipit.progress import progress
 class DemoConfig:
     n_calib: int = 32  # calibration records analysed
     n_test: int = 100  # test questions scored per plan
-    step: int = 10  # layer spacing of the plan grid
+    step: int = 15  # layer spacing of the plan grid
     batch_size: int = 16
     repeats: int = 2  # speed measurement rounds per plan
 
@@ -63,7 +63,7 @@ def run(run_dir: str | Path, config: DemoConfig | None = None, model_path: str |
                                data_path=str(shapes_split("calibration")),
                                on_batch=lambda n: bar.advance(task, n)).result  # fmt: skip
     # 2. plan
-    plan = make_plan(analysis)
+    plan = make_plan(analysis, freeze_vision=True)  # the conditions' bands, plus vision tokens frozen where allowed
     if plan.is_empty:  # nothing meets the default conditions: take the cheapest 20 % instead, and say so
         console.print("no layer meets the default conditions; planning the cheapest 20 % of FLOPs instead")
         plan = make_plan(analysis, budget=0.2)

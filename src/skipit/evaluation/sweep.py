@@ -167,7 +167,9 @@ def summarise(done: dict[str, dict], analysis: dict | None, run_dir: Path, lost_
         result["correlation"] = correlations(scored)
         families = sorted({r["family"] for r in scored})
         result["correlation_by_family"] = {f: correlations([r for r in scored if r["family"] == f]) for f in families}
-        result["safe_but_lost"] = [r["name"] for r in scored if r["safe"] and r["accuracy_drop"] > lost_points]
+        # every plan counts here, skipit's own and the baselines' too: the falsification test is about the conditions
+        result["safe_but_lost"] = [r["name"] for r in rows
+                                   if r["family"] != "empty" and r["safe"] and r["accuracy_drop"] > lost_points]
         result["lost_points"] = lost_points
     write_json(run_dir / "sweep.json", result)
     return result
