@@ -195,6 +195,16 @@ def make_run(tmp_path):
     return make
 
 
+@pytest.fixture(scope="session")
+def tiny_llava_dir(tiny_llava, tmp_path_factory):
+    """The tiny LLaVA and its processor saved once like a checkpoint; tests only read the folder."""
+    model, processor = tiny_llava
+    path = tmp_path_factory.mktemp("tiny-llava")
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
+
+
 def invoke(*args) -> str:
     """Run the skipit CLI in-process; its stdout, after asserting it succeeded."""
     from typer.testing import CliRunner

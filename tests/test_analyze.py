@@ -38,13 +38,10 @@ def cli(*args, env_extra=None, launcher=()):
 
 
 @pytest.fixture(scope="module")
-def saved(tmp_path_factory, tiny_llava):
+def saved(tmp_path_factory, tiny_llava_dir):
     """(model folder, data folder): the tiny LLaVA saved like a checkpoint, and 6 calibration records."""
     root = tmp_path_factory.mktemp("analyze")
-    model, processor = tiny_llava
-    model.save_pretrained(root / "model")
-    processor.save_pretrained(root / "model")
-    return root / "model", write_split(root / "shapes", "calibration", n=6).parent
+    return tiny_llava_dir, write_split(root / "shapes", "calibration", n=6).parent
 
 
 def close(a, b, path="measures"):

@@ -57,15 +57,12 @@ def test_missing_data(tmp_path):
     assert_one_line_error(proc, "no data at")
 
 
-def test_unscored_records(tmp_path, tiny_llava):
+def test_unscored_records(tmp_path, tiny_llava_dir):
     from PIL import Image
 
-    model, processor = tiny_llava
-    model.save_pretrained(tmp_path / "m")
-    processor.save_pretrained(tmp_path / "m")
     Image.new("RGB", (28, 28)).save(tmp_path / "a.png")
     (tmp_path / "d.jsonl").write_text(json.dumps({"id": "r1", "image": "a.png", "question": "q?"}))
-    proc = run("eval", str(tmp_path / "m"), "--data", str(tmp_path / "d.jsonl"), cwd=tmp_path)
+    proc = run("eval", str(tiny_llava_dir), "--data", str(tmp_path / "d.jsonl"), cwd=tmp_path)
     assert_one_line_error(proc, "have no \"answer\" to score")
 
 

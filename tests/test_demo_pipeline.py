@@ -12,19 +12,16 @@ from skipit.plan import Plan
 
 
 @pytest.fixture()
-def tiny_run(tiny_llava, tmp_path, monkeypatch):
-    model, processor = tiny_llava
+def tiny_run(tiny_llava_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("SKIPIT_CACHE", str(tmp_path / "cache"))
     for split, n in (("calibration", 6), ("test", 8)):  # small splits where the demo looks for the standard ones
         write_split(tmp_path / "cache" / "shapes", split, n=n)
-    model.save_pretrained(tmp_path / "model")
-    processor.save_pretrained(tmp_path / "model")
     return tmp_path
 
 
-def test_demo_runs_every_step_and_resumes(tiny_run, monkeypatch):
+def test_demo_runs_every_step_and_resumes(tiny_run, tiny_llava_dir, monkeypatch):
     config = pipeline.DemoConfig(n_calib=6, n_test=8, step=3, repeats=1)
-    headline = pipeline.run(tiny_run / "run", config, model_path=tiny_run / "model")
+    headline = pipeline.run(tiny_run / "run", config, model_path=tiny_llava_dir)
     run = tiny_run / "run"
     for name in ("analysis.json", "plan.json", "sweep.json", "report.html"):
         assert (run / name).is_file(), name
@@ -44,5 +41,5 @@ def test_demo_runs_every_step_and_resumes(tiny_run, monkeypatch):
 
     monkeypatch.setattr(analysis_mod, "analyze", fail)
     monkeypatch.setattr(sweep_mod, "measure_plan", fail)
-    again = pipeline.run(run, config, model_path=tiny_run / "model")
+    again = pipeline.run(run, config, model_path=tiny_llava_dir)
     assert again == headline

@@ -69,38 +69,31 @@ def test_model_comes_from_the_entry_point_and_the_task_from_the_include_path():
     assert TASK in TaskManager("WARNING", include_path=str(TASKS_DIR)).all_tasks
 
 
-def test_prompt_is_skipits(tiny_llava, tmp_path):
-    model, processor = tiny_llava
-    model.save_pretrained(tmp_path / "m")
-    processor.save_pretrained(tmp_path / "m")
-    lm = SkipitLMM(pretrained=str(tmp_path / "m"))
+def test_prompt_is_skipits(tiny_llava_dir):
+    lm = SkipitLMM(pretrained=str(tiny_llava_dir))
     doc = {"question": "What color is the circle?"}
     assert lm.prompt(doc_to_text(doc), 1) == vqa.prompt_text(lm.processor, doc["question"])
 
 
-def test_tiny_model_scores_equal_skipits_with_and_without_a_plan(tiny_llava, tmp_path):
+def test_tiny_model_scores_equal_skipits_with_and_without_a_plan(tiny_llava, tiny_llava_dir, tmp_path):
     model, processor = tiny_llava
-    model.save_pretrained(tmp_path / "m")
-    processor.save_pretrained(tmp_path / "m")
     data = shapes.write_split(tmp_path / "shapes", "test", n=7)
     records = load_records(data)
     plan = Plan.for_model(model, late_entry=1, early_exit=3, skip_layers=[4])
     plan_path = plan.save(tmp_path / "plan.json")
     for p, path in ((None, None), (plan, plan_path)):
         ours = skipit_evaluate(model, processor, records, p, batch_size=3)  # batches of 3, 3 and 1
-        metrics, answers = run_lmms_eval(tmp_path / "m", path, data=data, limit=None, batch_size=3)
+        metrics, answers = run_lmms_eval(tiny_llava_dir, path, data=data, limit=None, batch_size=3)
         assert_same_scores(metrics, answers, ours)
 
 
-def test_loglikelihood_of_the_greedy_answer(tiny_llava, tmp_path):
+def test_loglikelihood_of_the_greedy_answer(tiny_llava, tiny_llava_dir, tmp_path):
     model, processor = tiny_llava
-    model.save_pretrained(tmp_path / "m")
-    processor.save_pretrained(tmp_path / "m")
     record = load_records(shapes.write_split(tmp_path / "shapes", "test", n=1))[0]
     doc = {"image": str(record.image), "question": record.question}
     plan = Plan.for_model(model, late_entry=2, early_exit=4).save(tmp_path / "plan.json")
     for plan_path in (None, plan):
-        lm = SkipitLMM(pretrained=str(tmp_path / "m"), plan=plan_path)
+        lm = SkipitLMM(pretrained=str(tiny_llava_dir), plan=plan_path)
         lm.task_dict = {"t": {"test": [doc]}}
 
         def request(kind, second):

@@ -34,22 +34,19 @@ def test_folder_without_config(tmp_path):
         models.load(tmp_path)
 
 
-def test_device_and_dtype_choices(tiny_llava, tmp_path, monkeypatch):
-    model, processor = tiny_llava
-    model.save_pretrained(tmp_path)
-    processor.save_pretrained(tmp_path)
+def test_device_and_dtype_choices(tiny_llava_dir, monkeypatch):
     monkeypatch.delenv("SKIPIT_DEVICE", raising=False)
     if not torch.cuda.is_available():
         assert models.default_device() == "cpu"
-    loaded, _ = models.load(tmp_path, device="cpu")
+    loaded, _ = models.load(tiny_llava_dir, device="cpu")
     assert loaded.device.type == "cpu" and loaded.dtype == torch.float32
     monkeypatch.setenv("SKIPIT_DTYPE", "bfloat16")
-    assert models.load(tmp_path, device="cpu")[0].dtype == torch.bfloat16
+    assert models.load(tiny_llava_dir, device="cpu")[0].dtype == torch.bfloat16
     monkeypatch.setenv("SKIPIT_DTYPE", "float99")
     with pytest.raises(SkipitError, match="SKIPIT_DTYPE='float99' is not a torch dtype"):
-        models.load(tmp_path, device="cpu")
+        models.load(tiny_llava_dir, device="cpu")
     monkeypatch.delenv("SKIPIT_DTYPE")
     if not torch.cuda.is_available():
         monkeypatch.setenv("SKIPIT_DEVICE", "cuda:3")
         with pytest.raises(SkipitError, match="cannot put the model on 'cuda:3'"):
-            models.load(tmp_path)
+            models.load(tiny_llava_dir)

@@ -145,7 +145,7 @@ def test_plan_from_a_real_analysis_applies_to_its_model(tiny_llava, tmp_path):
     assert out.shape[1] == inputs["input_ids"].shape[1] + 3
 
 
-def test_cli_plan_and_sweep(tiny_llava, tmp_path):
+def test_cli_plan_and_sweep(tiny_llava, tiny_llava_dir, tmp_path):
     import json
     import os
     import subprocess
@@ -153,8 +153,6 @@ def test_cli_plan_and_sweep(tiny_llava, tmp_path):
     from pathlib import Path
 
     model, processor = tiny_llava
-    model.save_pretrained(tmp_path / "model")
-    processor.save_pretrained(tmp_path / "model")
     calib = write_split(tmp_path / "shapes", "calibration", n=4)
     test = write_split(tmp_path / "shapes", "test", n=4)
     analysis = analyze(model, processor, load_records(calib), batch_size=2, run_dir=tmp_path / "run",
@@ -175,12 +173,12 @@ def test_cli_plan_and_sweep(tiny_llava, tmp_path):
     missing = cli("plan", tmp_path / "nowhere")
     assert missing.returncode == 2 and "no analysis at" in missing.stderr
 
-    done = cli("sweep", tmp_path / "model", "--data", test, "--out", tmp_path / "sweep", "--analysis", tmp_path / "run",
+    done = cli("sweep", tiny_llava_dir, "--data", test, "--out", tmp_path / "sweep", "--analysis", tmp_path / "run",
                "--n", 4, "--step", 3, "--budgets", "0.05", "--methods", "shortgpt,random", "--repeats", 1)  # fmt: skip
     assert done.returncode == 0, done.stderr
     sweep = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
     assert {r["name"] for r in sweep["plans"]} >= {"empty", "skipit", "skipit@0.05", "shortgpt@0.05", "random@0.05"}
     assert "Spearman" in done.stdout
-    bad = cli("sweep", tmp_path / "model", "--data", test, "--out", tmp_path / "s2", "--analysis", tmp_path / "run",
+    bad = cli("sweep", tiny_llava_dir, "--data", test, "--out", tmp_path / "s2", "--analysis", tmp_path / "run",
               "--methods", "fastv")  # fmt: skip
     assert bad.returncode == 2 and "unknown baselines ['fastv']" in bad.stderr
