@@ -76,13 +76,11 @@ def measure_plan(model, processor, records, plan: Plan, encoded: dict, batch_siz
     configs = {"untouched": None, "plan": plan}
     runs = speed.compare(model, encoded, configs, new_tokens=8, repeats=repeats)
     row = speed.speed_rows(model, encoded, configs, runs, new_tokens=8)[1]
-    base = speed.prompt_costs(model, encoded, None, 8)["prefill"]
-    mine = speed.prompt_costs(model, encoded, plan, 8)["prefill"]
     return {
         "accuracy": result["accuracy"],
         "per_type": {t: v["accuracy"] for t, v in result["per_type"].items()},
         "predictions": result["predictions"],
-        "flops_saving": 1 - mine / base,
+        "flops_saving": 1 - 1 / row["ideal_prefill_speedup"],  # ideal = untouched / plan prefill FLOPs
         "ideal_prefill_speedup": row["ideal_prefill_speedup"],
         "prefill_speedup": row["prefill_speedup"],
         "decode_speedup": row["decode_speedup"],
