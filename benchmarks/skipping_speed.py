@@ -11,6 +11,7 @@ model, at each batch size. Prints markdown tables for docs/benchmarks.md.
 from __future__ import annotations
 
 import argparse
+import math
 import platform
 import statistics
 import time
@@ -86,6 +87,7 @@ def plan_grid(model, num_layers: int) -> dict[str, Plan | None]:
         f"late 2 + exit {L // 2} + skip [{L - 4}, {L - 2}]": Plan.for_model(
             model, late_entry=2, early_exit=L // 2, skip_layers=[L - 4, L - 2]
         ),
+        "FastV: keep 50 % after layer 1": Plan.for_model(model, prune_vision_after=1, prune_vision_keep=0.5),
     }
 
 
@@ -108,6 +110,10 @@ def layer_cost_per_token(model, batch: int, lengths: list[int], repeats: int = 2
     return {n: statistics.median(t) for n, t in times.items()}
 
 
+def pruned_vision(plan: Plan, n_vision: int) -> int:
+    return math.ceil(n_vision * plan.prune_vision_keep)
+
+
 def layer_time_ideal(model, plan: Plan | None, width: int, n_vision: int, per_token: dict[int, float]) -> float:
     """Prefill time of the decoder layers predicted from the untouched layer's measured time per token at the token
     counts the plan runs them on (frozen vision tokens: their share of k/v projection FLOPs at the full count)."""
@@ -116,6 +122,9 @@ def layer_time_ideal(model, plan: Plan | None, width: int, n_vision: int, per_to
     full, text = width * per_token[width], n_text * per_token[n_text]
     roles = plan.roles() if plan is not None else ["all"] * shape.num_layers
     each = {"all": full, "absent": text, "frozen": text + n_vision * per_token[width] * kv_share, "skip": 0.0}
+    if plan is not None and "pruned" in roles:
+        n = n_text + pruned_vision(plan, n_vision)
+        each["pruned"] = n * per_token[n]
     return sum(each[r] for r in roles)
 
 
@@ -136,7 +145,9 @@ def bench(name: str, model, inputs: dict, args) -> list[dict]:
     )
     print(speed.markdown_table(rows))
 
-    per_token = layer_cost_per_token(model, batch, [width, width - n_vision])
+    lengths = {width, width - n_vision} | {width - n_vision + pruned_vision(p, n_vision) for p in configs.values()
+                                          if p is not None and p.prune_vision_after is not None}  # fmt: skip
+    per_token = layer_cost_per_token(model, batch, sorted(lengths))
     print(
         f"\nOne untouched decoder layer takes {1e6 * per_token[width]:.0f} us per token on the whole prompts "
         f"({width} tokens a row) and {1e6 * per_token[width - n_vision]:.0f} us per token on their text tokens "

@@ -1,17 +1,43 @@
 """Markdown tables of a sweep (for docs/planning.md): every plan, the correlations, and the baselines.
 
-    python benchmarks/sweep_markdown.py runs/mini-llava/sweep.json
+    python benchmarks/sweep_markdown.py runs/mini-llava/sweep.json [--analysis RUN_DIR]
+
+--analysis predicts each plan's damage from another analysis of the same model (say one made with
+`skipit analyze --ablation`) and recomputes the correlations and the safe-but-lost list from it; the measured
+accuracies are the sweep's.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
-import sys
 from pathlib import Path
 
 
+def repredict(sweep: dict, analysis: dict) -> None:
+    from skipit.evaluation.sweep import GRID, correlations
+    from skipit.plan import Plan
+    from skipit.planner import is_safe, predicted_damage
+
+    for r in sweep["plans"]:
+        plan = Plan.from_dict(r["plan"])
+        r["predicted"], r["safe"] = predicted_damage(analysis, plan), is_safe(analysis, plan)
+    scored = [r for r in sweep["plans"] if r["family"] in GRID]
+    sweep["correlation"] = correlations(scored)
+    sweep["correlation_by_family"] = {f: correlations([r for r in scored if r["family"] == f])
+                                      for f in sorted({r["family"] for r in scored})}  # fmt: skip
+    sweep["safe_but_lost"] = [r["name"] for r in sweep["plans"]
+                              if r["family"] != "empty" and r["safe"] and r["accuracy_drop"] > sweep["lost_points"]]
+
+
 def main() -> None:
-    sweep = json.loads(Path(sys.argv[1]).read_text())
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("sweep")
+    ap.add_argument("--analysis", help="run folder of another analysis of the same model")
+    args = ap.parse_args()
+    sweep = json.loads(Path(args.sweep).read_text())
+    if args.analysis:
+        repredict(sweep, json.loads((Path(args.analysis) / "analysis.json").read_text()))
     ref = sweep["reference"]["accuracy"]
     print(f"Reference (no plan): accuracy {ref:.3f} on {sweep['data']['n']} questions.\n")
     print("| plan | accuracy | drop (points) | FLOPs removed | prefill x (ideal) | decode x | safe |")

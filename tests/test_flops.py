@@ -88,7 +88,8 @@ def linear_flops(model, inputs) -> float:
 
 @pytest.mark.parametrize(
     "decisions",
-    [{}, dict(late_entry=2), dict(late_entry=2, late_entry_mode="frozen"), dict(early_exit=1, skip_layers=[3])],
+    [{}, dict(late_entry=2), dict(late_entry=2, late_entry_mode="frozen"), dict(early_exit=1, skip_layers=[3]),
+     dict(prune_vision_after=1, prune_vision_keep=0.4, early_exit=4)],
 )
 def test_engine_does_the_counted_work(decisions):
     """Under a plan the backbone multiplies exactly what the cost model counts: no token a layer skips goes

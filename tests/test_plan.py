@@ -37,6 +37,9 @@ def test_roles_follow_the_layer_indexing():
     p = plan(late_entry=1, early_exit=4, frozen_vision_layers=[3, 2], skip_layers=[4])
     assert p.roles() == ["absent", "all", "frozen", "frozen", "skip", "absent"]
     assert p.frozen_vision_layers == (2, 3)
+    p = plan(late_entry=1, prune_vision_after=2, early_exit=4, skip_layers=[3])
+    assert p.roles() == ["absent", "all", "all", "skip", "pruned", "absent"]
+    assert plan(prune_vision_after=5).is_empty  # pruning after the last layer changes nothing
 
 
 @pytest.mark.parametrize(
@@ -53,6 +56,10 @@ def test_roles_follow_the_layer_indexing():
         (dict(late_entry=2, frozen_vision_layers=[1]), r"frozen_vision_layers \[1\] must be .* \(2\.\.5\)"),
         (dict(early_exit=3, frozen_vision_layers=[4]), r"frozen_vision_layers \[4\] must be .* \(0\.\.3\)"),
         (dict(skip_layers=[2], frozen_vision_layers=[2]), r"frozen_vision_layers \[2\] must be"),
+        (dict(prune_vision_after=4, early_exit=3), r"prune_vision_after must be a layer .* \(0\.\.3, not"),
+        (dict(prune_vision_after=2, skip_layers=[2]), "prune_vision_after must be a layer that updates"),
+        (dict(prune_vision_after=1, prune_vision_keep=1.0), "prune_vision_keep must be a fraction"),
+        (dict(prune_vision_after=1, frozen_vision_layers=[3]), r"frozen_vision_layers \[3\] come after"),
     ],
 )
 def test_invalid_plans_say_what_to_fix(decisions, message):

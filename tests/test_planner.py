@@ -10,6 +10,7 @@ from skipit.data.jsonl import load_records
 from skipit.data.shapes import write_split
 from skipit.errors import SkipitError
 from skipit.flops import Shape
+from skipit.plan import Plan
 from skipit.planner import Thresholds, is_safe, make_plan, predicted, predicted_damage
 from skipit.skipping import apply_plan, remove_plan
 from skipit.stats import StatsConfig
@@ -61,7 +62,7 @@ def test_default_plan_takes_the_widest_bands_that_meet_the_conditions():
     assert plan.roles() == ["absent", "skip", "all", "skip", "all", "absent", "absent", "absent"]
     assert is_safe(fake_analysis(RHO_V, RHO_T, VAR), plan)
     ev = plan.evidence
-    assert ev["thresholds"] == {"epsilon": 0.015, "delta": 0.05, "eta": 0.1, "tau": 0.1}
+    assert ev["thresholds"] == {"epsilon": 0.015, "delta": 0.05, "eta": 0.1, "tau": 0.1, "kappa": 0.02}
     assert set(ev["reasons"]) == {"epsilon", "delta_eta", "tau"}
     assert ev["roles"] == plan.roles() and 0 < ev["predicted"]["saving"] < 1
     assert (plan.architecture, plan.num_layers, plan.fingerprint) == ("LlavaForConditionalGeneration", 8, "f" * 16)
@@ -111,14 +112,52 @@ def test_predicted_damage_sums_what_the_plan_removes():
     assert d["geometric"] == pytest.approx(skip + RHO_V[0] + RHO_V[5] + RHO_V[6] + RHO_V[7])
     assert d["var"] == pytest.approx(VAR[0] + VAR[1] + VAR[3] + VAR[5] + VAR[6] + VAR[7])
     assert d["cka"] == pytest.approx(d["geometric"])  # cka was built as 1 - rho
+    assert d["ablation_kl"] is None  # measured only with analyze --ablation
+    a["measures"]["functional"]["ablation"] = {m: {"kl": {"mean": [2 * r for r in rho]}}
+                                               for m, rho in (("vision", RHO_V), ("text", RHO_T))}  # fmt: skip
+    assert predicted_damage(a, plan)["ablation_kl"] == pytest.approx(2 * d["geometric"])
+
+
+def test_pruning_counts_the_share_of_vision_it_removes():
+    a = fake_analysis(RHO_V, RHO_T, VAR)
+
+    def pruned(after: int) -> Plan:
+        return Plan("LlavaForConditionalGeneration", 8, "f" * 16, prune_vision_after=after, prune_vision_keep=0.25)
+
+    d = predicted_damage(a, pruned(4))
+    assert d["geometric"] == pytest.approx(0.75 * sum(RHO_V[5:]))
+    assert d["var"] == pytest.approx(0.75 * sum(VAR[5:]))
+    assert is_safe(a, pruned(4))  # text reads little of the image after layer 4 (VAR < tau): the exit condition
+    assert not is_safe(a, pruned(1))  # ... but reads it at layers 2-4
+
+
+def test_functional_freezing_takes_the_lowest_ablation_kl_under_kappa():
+    a = fake_analysis(RHO_V, RHO_T, VAR)
+    with pytest.raises(SkipitError, match="analyze --ablation"):
+        make_plan(a, functional=True)
+    kl = [0.5, 0.004, 0.3, 0.001, 0.009, 0.002, 0.006, 0.0]
+    a["measures"]["functional"]["ablation"] = {"vision": {"kl": {"mean": kl}}}
+    plan = make_plan(a, Thresholds(tau=0.01, kappa=0.01), functional=True)  # bands: the other conditions
+    assert (plan.late_entry, plan.late_entry_mode, plan.early_exit, plan.skip_layers) == (2, "frozen", None, (1, 3))
+    # in 2..7 without the skipped 3, by KL: 7 (0), 5 (.002), 6 (.006) -> sum .008; adding 4 (.009) reaches .017
+    assert plan.frozen_vision_layers == (5, 6, 7)
+    assert plan.evidence["functional"]["frozen_sum"] == pytest.approx(0.008)
+    assert make_plan(a, Thresholds(tau=0.01), functional=True).frozen_vision_layers == (4, 5, 6, 7)  # kappa 0.02
+    with pytest.raises(SkipitError, match="does not take a budget"):
+        make_plan(a, budget=0.2, functional=True)
 
 
 def test_text_only_model_gets_only_layer_skips():
     a = fake_analysis(RHO_V, RHO_T, VAR)
-    del a["measures"]["hidden"]["modalities"]["vision"]
+    none = [None] * len(RHO_V)  # what analyze writes for a modality without tokens
+    a["measures"]["hidden"]["modalities"]["vision"] = {
+        "n_tokens": [0] * len(RHO_V), "geometric": {"rho": {"mean": none}, "angular": {"mean": none}},
+        "proximal": {"tail": {"0.05": none}}, "informational": {"score": none}, "cka": {"value": none},
+    }  # fmt: skip
     a["measures"]["var"] = None
     plan = make_plan(a)
     assert plan.skip_layers == (1, 3) and plan.late_entry == 0 and plan.early_exit is None
+    assert predicted_damage(a, plan)["geometric"] == pytest.approx(RHO_T[1] + RHO_T[3])
 
 
 def test_old_analysis_without_shape_is_a_clear_error():
@@ -170,6 +209,8 @@ def test_cli_plan_and_sweep(tiny_llava, tiny_llava_dir, tmp_path):
     assert plan["format"] == "skipit-plan" and plan["evidence"]["predicted"]["saving"] >= 0.3
     bad = cli("plan", tmp_path / "run", "--mode", "sideways")
     assert bad.returncode == 2 and bad.stderr.startswith("error: late entry mode") and "Traceback" not in bad.stderr
+    bad = cli("plan", tmp_path / "run", "--functional")
+    assert bad.returncode == 2 and "run skipit analyze --ablation" in bad.stderr
     missing = cli("plan", tmp_path / "nowhere")
     assert missing.returncode == 2 and "no analysis at" in missing.stderr
 
@@ -180,5 +221,5 @@ def test_cli_plan_and_sweep(tiny_llava, tiny_llava_dir, tmp_path):
     assert {r["name"] for r in sweep["plans"]} >= {"empty", "skipit", "skipit@0.05", "shortgpt@0.05", "random@0.05"}
     assert "Spearman" in done.stdout
     bad = cli("sweep", tiny_llava_dir, "--data", test, "--out", tmp_path / "s2", "--analysis", tmp_path / "run",
-              "--methods", "fastv")  # fmt: skip
-    assert bad.returncode == 2 and "unknown baselines ['fastv']" in bad.stderr
+              "--methods", "medusa")  # fmt: skip
+    assert bad.returncode == 2 and "unknown baselines ['medusa']" in bad.stderr

@@ -8,6 +8,7 @@ original positions, no cache, and recomputes the whole prefix at every decoding 
 from __future__ import annotations
 
 import functools
+import math
 
 import pytest
 import torch
@@ -198,19 +199,44 @@ def run_layer(layer, x, pe, rows):
     return out[0]
 
 
-def reference_logits(model, plan: Plan, x0, pe, vision) -> torch.Tensor:
-    """Logits of one sequence (its real tokens only) under `plan`, computed layer by layer from scratch."""
+def last_token_attention(layer, x, pe, rows) -> torch.Tensor:
+    """Attention weights of the last of `rows` on each of them in `layer`, mean over heads, from transformers' own
+    eager attention (which returns its weights)."""
+    attention, config = layer.self_attn, layer.self_attn.config
+    previous, config._attn_implementation = config._attn_implementation, "eager"
+    try:
+        mask = torch.zeros(causal(len(rows)).shape).masked_fill(~causal(len(rows)), torch.finfo(torch.float32).min)
+        _, weights = attention(
+            hidden_states=layer.input_layernorm(x[rows])[None], attention_mask=mask,
+            position_embeddings=tuple(t[rows][None] for t in pe),
+        )  # fmt: skip
+    finally:
+        config._attn_implementation = previous
+    return weights[0, :, -1].mean(0)
+
+
+def reference_logits(model, plan: Plan, x0, pe, vision, kept=None):
+    """Logits of one sequence (its real tokens only) under `plan`, computed layer by layer from scratch, and the
+    vision tokens pruning kept (pass them back in to continue a generation: they are chosen on the prompt)."""
     adapter = get_adapter(model)
     x, n = x0.clone(), x0.shape[0]
     everyone, text = torch.arange(n), torch.nonzero(~vision)[:, 0]
-    for layer, role in zip(adapter.layers, plan.roles(), strict=True):
+    for j, (layer, role) in enumerate(zip(adapter.layers, plan.roles(), strict=True)):
+        if j == plan.prune_vision_after and kept is None and vision.any():  # FastV: rank by the last token
+            scores = last_token_attention(layer, x, pe, everyone)
+            tokens = torch.nonzero(vision)[:, 0]
+            count = math.ceil(len(tokens) * plan.prune_vision_keep)
+            kept = tokens[scores[tokens].argsort(descending=True)[:count]]
         if role == "all":
             x[everyone] = run_layer(layer, x, pe, everyone)
         elif role == "absent":  # vision tokens are not in this layer's sequence at all
             x[text] = run_layer(layer, x, pe, text)
         elif role == "frozen":  # vision tokens are keys/values here, but keep their state
             x[text] = run_layer(layer, x, pe, everyone)[text]
-    return adapter.lm_head(adapter.final_norm(x))
+        elif role == "pruned":  # only the kept vision tokens are in this layer's sequence
+            rows = torch.cat([text, kept]).sort().values if kept is not None else text
+            x[rows] = run_layer(layer, x, pe, rows)
+    return adapter.lm_head(adapter.final_norm(x)), kept
 
 
 def reference_run(model, plan, family, full: dict, width: int, steps: int):
@@ -224,10 +250,13 @@ def reference_run(model, plan, family, full: dict, width: int, steps: int):
     vision = (full["input_ids"] == IMAGE) & (family.removesuffix("_eager") in VLMS)
     prompts, decoded = [], torch.zeros(steps, x0.shape[0], VOCAB)
     for b in range(x0.shape[0]):
+        kept = None
         for s in range(steps):
             keep = full["attention_mask"][b, : width + s].bool()
             pe_b = tuple(t[b, : width + s][keep] for t in pe)
-            logits = reference_logits(model, plan, x0[b, : width + s][keep], pe_b, vision[b, : width + s][keep])
+            logits, kept = reference_logits(
+                model, plan, x0[b, : width + s][keep], pe_b, vision[b, : width + s][keep], kept
+            )  # fmt: skip
             prompts += [logits] if s == 0 else []
             decoded[s, b] = logits[-1]
     return prompts, decoded
@@ -262,6 +291,8 @@ PLANS = {
     "combined-frozen": dict(late_entry=1, late_entry_mode="frozen", early_exit=3, skip_layers=[2]),
     "frozen-vision-layers": dict(frozen_vision_layers=[1, 3]),  # ALL -> FROZEN -> ALL -> FROZEN -> ALL
     "combined-frozen-vision": dict(late_entry=1, early_exit=4, skip_layers=[3], frozen_vision_layers=[2]),
+    "fastv": dict(prune_vision_after=1, prune_vision_keep=0.5),  # FastV's K = 2, R = 50 %
+    "combined-pruned": dict(late_entry=1, prune_vision_after=2, prune_vision_keep=0.3, early_exit=4, skip_layers=[3]),
 }
 
 
@@ -353,6 +384,19 @@ def test_early_exit_shortens_kv_cache(family):
     exited = width - int(n_vision.min()) + 4
     assert lengths == [width + 4] * 3 + [exited, None, exited]
     assert exited < width + 4
+
+
+def test_pruning_shortens_kv_cache():
+    model, inputs = build("llava"), make_inputs("llava", 2)  # 9 vision tokens per row
+    width = inputs["input_ids"].shape[1]
+    with torch.no_grad():
+        apply_plan(model, Plan.for_model(model, prune_vision_after=1, prune_vision_keep=0.5))
+        try:
+            cache = generate(model, inputs, steps=5).past_key_values
+        finally:
+            remove_plan(model)
+    lengths = [layer.keys.shape[2] for layer in cache.layers]
+    assert lengths == [width + 4] * 2 + [width - 9 + 5 + 4] * 4  # ceil(9 * 0.5) = 5 vision tokens kept
 
 
 def test_rows_with_different_vision_counts_stay_independent():

@@ -12,6 +12,7 @@ from skipit.analysis import analyze
 from skipit.data.jsonl import load_records
 from skipit.data.shapes import write_split
 from skipit.evaluation import sweep
+from skipit.plan import Plan
 from skipit.stats import StatsConfig
 
 
@@ -64,19 +65,31 @@ def test_correlations_on_known_rankings():
     assert c["var"]["spearman"] == pytest.approx(-1.0) and c["geometric"]["n"] == 8
 
 
+def test_cli_offers_every_baseline():
+    from skipit import cli
+
+    assert cli.BASELINES == baselines.METHODS
+
+
 def test_baselines_meet_the_budget_their_own_way(setup):
     model, processor, test, calib, analysis = setup
     encoded = sweep.speed_batch(model, processor, test)
     cache: dict = {}
-    plans = {m: baselines.baseline_plan(m, model, processor, calib, encoded, 0.08, analysis=analysis, cache=cache)
-             for m in baselines.METHODS}  # fmt: skip
-    for plan in plans.values():
-        assert baselines.saving(model, encoded, plan) >= 0.08  # 4 of about 25 tokens are vision
+    # 4 of about 45 tokens are vision; pruning all but one of them after layer 1 of 6 saves about 4 %
+    budgets = {m: 0.03 if m == "fastv" else 0.08 for m in baselines.METHODS}
+    plans = {m: baselines.baseline_plan(m, model, processor, calib, encoded, b, analysis=analysis, cache=cache)
+             for m, b in budgets.items()}  # fmt: skip
+    for m, plan in plans.items():
+        assert baselines.saving(model, encoded, plan) >= budgets[m]
     assert plans["vtw"].early_exit is not None and not plans["vtw"].skip_layers
     assert plans["shortv"].frozen_vision_layers and not plans["shortv"].skip_layers
     lc = cache["lc"]
     assert list(plans["shortv"].frozen_vision_layers) == sorted(sorted(range(6), key=lambda j: lc[j])[: len(
         plans["shortv"].frozen_vision_layers)])  # fmt: skip
+    fastv = plans["fastv"]
+    assert fastv.prune_vision_after == 1 and not fastv.skip_layers and fastv.early_exit is None
+    more = Plan.for_model(model, prune_vision_after=1, prune_vision_keep=fastv.prune_vision_keep + 0.01)
+    assert baselines.saving(model, encoded, more) < 0.03  # the largest share kept that meets the budget
     gromov = plans["gromov"].skip_layers
     assert list(gromov) == list(range(gromov[0], gromov[0] + len(gromov))) and 5 not in gromov  # contiguous
     bi = baselines.block_influence(analysis)

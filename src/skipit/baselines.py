@@ -12,9 +12,9 @@ least `budget` of the prefill FLOPs of the benchmark's prompts (so every method 
   tokens (read from the analysis).
 - Gromov et al. (2024): remove the contiguous block of n layers whose input and output hidden states at the last
   token are closest in angular distance.
+- FastV (Chen et al., 2024): after layer K = 2 (skipit's layer 1) keep only the vision tokens the last token attends
+  to most. At a budget, the share kept is the largest that meets it (FastV's own setting keeps 50 %).
 - random: remove random layers.
-FastV (drop half the vision tokens after layer 2, ranked by attention) needs per-token pruning, which skip plans do
-not express; it is not among these baselines.
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ from skipit.evaluation import speed, vqa
 from skipit.plan import Plan
 from skipit.skipping import apply_plan, remove_plan
 
-METHODS = ("vtw", "shortv", "shortgpt", "gromov", "random")
+METHODS = ("vtw", "shortv", "fastv", "shortgpt", "gromov", "random")
+FASTV_LAYER = 1  # FastV's K = 2: layers 0 and 1 see every vision token
 
 
 def saving(model, encoded: dict, plan: Plan) -> float:
@@ -111,7 +112,7 @@ def _with(empty: Plan, **decisions) -> Plan:
 
 def block_influence(analysis: dict) -> list[float]:
     """ShortGPT's Block Influence over all tokens: the token-weighted mean of each modality's 1 - cos."""
-    mods = analysis["measures"]["hidden"]["modalities"]
+    mods = {m: v for m, v in analysis["measures"]["hidden"]["modalities"].items() if v["n_tokens"][0] > 0}
     weight = {m: v["n_tokens"][0] for m, v in mods.items()}
     L = len(analysis["layers"])
     return [sum(v["geometric"]["block_influence"]["mean"][j] * weight[m] for m, v in mods.items())
@@ -136,6 +137,17 @@ def baseline_plan(method: str, model, processor, calib, encoded: dict, budget: f
             cache["lc"] = layer_contribution(model, processor, calib)
         order = sorted(range(L), key=lambda j: cache["lc"][j])
         return greedy(order, lambda js: _with(empty, frozen_vision_layers=js), model, encoded, budget)
+    if method == "fastv":
+        def fastv(keep: float) -> Plan:
+            return _with(empty, prune_vision_after=FASTV_LAYER, prune_vision_keep=keep)
+
+        lo, hi = 1e-3, 1 - 1e-3  # saving falls as the share kept grows: find the largest share that meets budget
+        if saving(model, encoded, fastv(lo)) < budget:
+            raise SkipitError(f"fastv cannot remove {budget:.0%} of the FLOPs")
+        for _ in range(20):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if saving(model, encoded, fastv(mid)) >= budget else (lo, mid)
+        return fastv(lo)
     if method == "shortgpt":
         if analysis is None:
             raise SkipitError("shortgpt ranks layers by Block Influence: give it an analysis")

@@ -113,6 +113,7 @@ def demo(
 
 
 EVAL_TASKS = ("vqa", "caption")
+BASELINES = ("vtw", "shortv", "fastv", "shortgpt", "gromov", "random")  # skipit.baselines.METHODS, not imported here
 
 
 @app.command("eval")
@@ -296,6 +297,9 @@ def plan_(
     tau: Annotated[float | None, typer.Option(help="Attention: text's share on vision keys below this [0.1]")] = None,
     mode: Annotated[str | None, typer.Option(help="Late entry mode: absent or frozen [whichever saves more]")] = None,
     freeze_vision: Annotated[bool, typer.Option(help="Also freeze vision tokens in redundant layers in k..m")] = False,
+    functional: Annotated[bool, typer.Option(
+        help="Freeze vision tokens where ablation KL is lowest, summed under kappa (analyze --ablation)")] = False,
+    kappa: Annotated[float | None, typer.Option(help="Functional: summed ablation KL under this (nats) [0.02]")] = None,
 ) -> None:
     """Turn an analysis into a skip plan: the widest bands whose layers all meet the conditions."""
     from dataclasses import replace
@@ -304,9 +308,9 @@ def plan_(
     from skipit.planner import Thresholds, make_plan
 
     result = Analysis.load(analysis).result
-    given = {"epsilon": epsilon, "delta": delta, "eta": eta, "tau": tau}
+    given = {"epsilon": epsilon, "delta": delta, "eta": eta, "tau": tau, "kappa": kappa}
     thresholds = replace(Thresholds(), **{k: v for k, v in given.items() if v is not None})
-    plan = make_plan(result, thresholds, budget=budget, mode=mode, freeze_vision=freeze_vision)
+    plan = make_plan(result, thresholds, budget=budget, mode=mode, freeze_vision=freeze_vision, functional=functional)
     out = out or (analysis if analysis.is_dir() else analysis.parent) / "plan.json"
     plan.save(out)
     _print_plan(plan)
@@ -337,7 +341,7 @@ def sweep(
     n: Annotated[int, typer.Option(help="Records to score per plan")] = 150,
     step: Annotated[int, typer.Option(help="Layer spacing of the plan grid")] = 3,
     budgets: Annotated[str, typer.Option(help="FLOPs budgets, skipit vs baselines (comma-separated)")] = "0.1,0.2,0.3",
-    methods: Annotated[str, typer.Option(help="Baselines (comma-separated)")] = "vtw,shortv,shortgpt,gromov,random",
+    methods: Annotated[str, typer.Option(help="Baselines (comma-separated)")] = ",".join(BASELINES),
     n_calib: Annotated[int, typer.Option(help="Calibration records the baselines use")] = 20,
     batch_size: int = 16,
     repeats: Annotated[int, typer.Option(help="Speed measurement rounds per plan")] = 3,

@@ -10,17 +10,20 @@ Counted, per token a layer processes (2 FLOPs per multiply-add):
 Norms, rotary, softmax and activations (a few per element, not per weight) are left out, and so is the vision
 encoder, which a skip plan does not touch. Per layer role (see `skipit.plan`): `all` processes every token;
 `absent` only text tokens, which see only text keys; `frozen` text tokens fully, and vision tokens through the
-k and v projections only (they are keys/values, not updated); `skip` nothing.
+k and v projections only (they are keys/values, not updated); `pruned` the text tokens and the vision tokens that
+pruning keeps (`prune_vision_keep` of them, rounded up), and the pruning layer also ranks the vision tokens (keys
+of every token, the last token's query and scores); `skip` nothing.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from torch import nn
 
-from skipit.plan import ABSENT, ALL, FROZEN, SKIP, Plan
+from skipit.plan import ABSENT, ALL, FROZEN, PRUNED, SKIP, Plan
 
 
 @dataclass(frozen=True)
@@ -111,27 +114,36 @@ def cost(
     `bytes_per_value`: 2 for bfloat16/float16 caches, 4 for float32.
     """
     roles = roles_of(plan, shape.num_layers)
+    if PRUNED in roles and not isinstance(plan, Plan):
+        raise ValueError("pruned layers need the Plan (its prune_vision_keep), not only its roles")
     vision = [bool(v) for v in vision]
     n, n_vision = len(vision), sum(vision)
     n_text = n - n_vision
+    n_pruned = n_text + (math.ceil(n_vision * plan.prune_vision_keep) if PRUNED in roles else n_vision)
     # causal pairs: every query sees every key at or before it, among the tokens the layer keeps
     pairs = {
         ALL: n * (n + 1) // 2,
         ABSENT: n_text * (n_text + 1) // 2,
+        PRUNED: n_pruned * (n_pruned + 1) // 2,
         FROZEN: sum(i + 1 for i, v in enumerate(vision) if not v),  # text queries, all keys
     }
-    keys = {ALL: n, ABSENT: n_text, FROZEN: n, SKIP: 0}
+    keys = {ALL: n, ABSENT: n_text, PRUNED: n_pruned, FROZEN: n, SKIP: 0}
+    queries = {ALL: n, ABSENT: n_text, PRUNED: n_pruned, FROZEN: n_text}
     kv_macs = shape.hidden * shape.kv_width * 2
     layers, scores = [], 0.0
-    for role in roles:
+    for j, role in enumerate(roles):
         if role == SKIP:
             layers.append(0.0)
             continue
-        queries = n if role == ALL else n_text
         scores += 2.0 * pairs[role] * shape.pair_macs
-        macs = queries * shape.token_macs + pairs[role] * shape.pair_macs
+        macs = queries[role] * shape.token_macs + pairs[role] * shape.pair_macs
         if role == FROZEN:
             macs += n_vision * kv_macs
+        if isinstance(plan, Plan) and j == plan.prune_vision_after and PRUNED in roles and n_vision:
+            # ranking the vision tokens: keys of every token, the last token's query, its scores on the keys
+            macs += n * shape.hidden * shape.kv_width + shape.hidden * shape.heads * shape.head_dim
+            macs += n * shape.pair_macs // 2
+            scores += n * shape.pair_macs
         layers.append(2.0 * macs)
     head = 2.0 * shape.hidden * shape.vocab
     decode = []

@@ -14,6 +14,11 @@ they run; X_0 is the input embedding (vision features included) and layer j maps
 - ``skip_layers``: layers not run at all, for any token.
 - ``frozen_vision_layers``: layers inside k..m that do not update vision tokens, which stay there as keys/values
   (ShortV-style; the same as ``frozen`` late entry, for any layer).
+- ``prune_vision_after = p`` (FastV-style, with ``prune_vision_keep = f``): in each prompt, only the fraction f of the
+  vision tokens (rounded up) that the prompt's last token attends to most in layer p (mean over heads) goes on to
+  layers p+1..m; the others leave the sequence after layer p, as in an early exit. The choice is made once, in the
+  forward call that carries the image, and holds for the whole generation. FastV's "K = 2, R = 50 %" is
+  p = 1, f = 0.5.
 So vision tokens are processed by layers k..m (minus skipped and frozen ones); a plan needs 0 <= k <= m <= L-1.
 
 A plan records the model it was made for (class name, layer count and a weights fingerprint); applying it to any
@@ -36,7 +41,8 @@ FORMAT = "skipit-plan"
 VERSION = 1
 MODES = ("absent", "frozen")
 # What a layer does with vision tokens under a plan (text tokens go through every layer that is not skipped).
-ALL, ABSENT, FROZEN, SKIP = "all", "absent", "frozen", "skip"
+# PRUNED: only the vision tokens kept by `prune_vision_after` are processed (and cached) with the text.
+ALL, ABSENT, FROZEN, SKIP, PRUNED = "all", "absent", "frozen", "skip", "pruned"
 
 
 def fingerprint(model: nn.Module, n_tensors: int = 4, n_values: int = 4096) -> str:
@@ -67,6 +73,8 @@ class Plan:
     early_exit: int | None = None  # m
     skip_layers: tuple[int, ...] = ()
     frozen_vision_layers: tuple[int, ...] = ()
+    prune_vision_after: int | None = None  # p
+    prune_vision_keep: float = 0.5  # f
     evidence: dict = field(default_factory=dict)  # free-form: the measures and predicted saving behind the plan
 
     def __post_init__(self):
@@ -95,6 +103,17 @@ class Plan:
                 f"frozen_vision_layers {bad} must be layers that would process vision tokens ({k}..{last}) "
                 "and are not skipped"
             )
+        p, f = self.prune_vision_after, self.prune_vision_keep
+        if not isinstance(f, (int, float)) or not 0 < f < 1:
+            raise SkipitError(f"prune_vision_keep must be a fraction strictly between 0 and 1, got {f!r}")
+        if p is not None:
+            if not isinstance(p, int) or not k <= p <= last or p in self.skip_layers or p in self.frozen_vision_layers:
+                raise SkipitError(
+                    f"prune_vision_after must be a layer that updates vision tokens ({k}..{last}, not skipped or "
+                    f"frozen): its attention ranks them; got {p!r}"
+                )
+            if bad := [j for j in self.frozen_vision_layers if j > p]:
+                raise SkipitError(f"frozen_vision_layers {bad} come after prune_vision_after ({p}): not supported")
 
     @classmethod
     def for_model(cls, model: nn.Module, **decisions) -> Plan:
@@ -105,7 +124,8 @@ class Plan:
         return cls(architecture=type(model).__name__, num_layers=n, fingerprint=fingerprint(model), **decisions)
 
     def roles(self) -> list[str]:
-        """What each layer does with vision tokens: 'all' (processes them), 'absent', 'frozen' or 'skip'."""
+        """What each layer does with vision tokens: 'all' (processes them), 'absent', 'frozen', 'pruned' (only the
+        kept ones) or 'skip'."""
         out = []
         for j in range(self.num_layers):
             if j in self.skip_layers:
@@ -116,6 +136,8 @@ class Plan:
                 out.append(ABSENT)
             elif j in self.frozen_vision_layers:
                 out.append(FROZEN)
+            elif self.prune_vision_after is not None and j > self.prune_vision_after:
+                out.append(PRUNED)
             else:
                 out.append(ALL)
         return out

@@ -42,6 +42,7 @@ class Thresholds:
     delta: float = 0.05  # proximal: tokens with rho above this ...
     eta: float = 0.1  # ... are less than this fraction
     tau: float = 0.1  # attention: share of text attention on vision keys below this
+    kappa: float = 0.02  # functional freezing: summed ablation KL (nats) of the frozen vision layers below this
 
     def scaled(self, s: float) -> Thresholds:
         return replace(self, epsilon=self.epsilon * s, eta=self.eta * s, tau=self.tau * s)
@@ -52,6 +53,8 @@ REASONS = {
     "delta_eta": "P(rho > 0.05) < 0.1: fewer than 10 % of the tokens get an update over ~45 % of their norm",
     "tau": "text queries put under 10 % of their attention on vision keys (LLaVA-1.5's level after its first layers)",
 }
+KAPPA_REASON = ("summed ablation KL < 0.02 nats: by Pinsker's inequality the answer distribution moves by less than "
+                "0.1 in total variation, if the frozen layers' effects add up")
 
 
 @dataclass
@@ -65,7 +68,8 @@ class Costs:
 
 
 def _modalities(analysis: dict) -> dict:
-    return analysis["measures"]["hidden"]["modalities"]
+    """The modalities the calibration data had tokens of (a text-only model's analysis has an empty "vision")."""
+    return {m: v for m, v in analysis["measures"]["hidden"]["modalities"].items() if v["n_tokens"][0] > 0}
 
 
 def _tail(modality: dict, delta: float) -> list[float]:
@@ -106,8 +110,11 @@ def predicted(analysis: dict, plan: Plan) -> dict:
     return ideal_speedup(shape, plan, prompt_layout(n_vision, n_text), decode_steps=16)
 
 
-def plan_from_costs(analysis: dict, costs: Costs, mode: str | None = None, freeze_vision: bool = False) -> Plan:
-    """The widest bands and every single layer whose decisions all cost < 1 (see the module docstring)."""
+def plan_from_costs(analysis: dict, costs: Costs, mode: str | None = None, freeze_vision: bool = False,
+                    kl: list[float] | None = None, kappa: float = 0.0) -> Plan:  # fmt: skip
+    """The widest bands and every single layer whose decisions all cost < 1 (see the module docstring). With `kl`
+    (functional freezing), vision tokens are frozen in the layers of k..m with the lowest `kl`, as many as keep the
+    sum under `kappa`."""
     L = len(analysis["layers"])
     ok = {name: [c < 1 for c in getattr(costs, name)] for name in ("skip", "freeze", "absent", "exit")}
     skip = [j for j in range(L) if ok["skip"][j]]
@@ -129,6 +136,13 @@ def plan_from_costs(analysis: dict, costs: Costs, mode: str | None = None, freez
     for md in modes:
         k = min(k_by_mode[md], m)
         frozen = [j for j in range(k, m + 1) if freeze_vision and ok["freeze"][j] and j not in skip]
+        if kl is not None:
+            frozen, total = [], 0.0
+            for j in sorted((j for j in range(k, m + 1) if j not in skip), key=lambda j: kl[j]):
+                if total + kl[j] >= kappa:
+                    break
+                frozen.append(j)
+                total += kl[j]
         candidate = _plan(analysis, late_entry=k, late_entry_mode=md, early_exit=None if m == L - 1 else m,
                           skip_layers=skip, frozen_vision_layers=frozen)  # fmt: skip
         saving = predicted(analysis, candidate)["saving"]
@@ -151,17 +165,29 @@ def make_plan(
     budget: float | None = None,
     mode: str | None = None,
     freeze_vision: bool = False,
+    functional: bool = False,
 ) -> Plan:
     """The plan the conditions allow (thresholds), or the cheapest-to-lose plan removing `budget` of prefill FLOPs.
 
     `mode`: late entry mode ("absent" or "frozen"; default: whichever removes more FLOPs). `freeze_vision`: also
     freeze vision tokens in every layer between k and m that meets the freeze condition (ShortV-style).
+    `functional`: freeze vision tokens by the functional condition instead, from an analysis made with `--ablation`:
+    in the layers whose ablation KL for vision tokens is lowest, while its sum stays under `thresholds.kappa`.
     """
     if "shape" not in analysis.get("model", {}):
         raise SkipitError("this analysis predates plan support (no model shape): run skipit analyze again")
     if mode is not None and mode not in MODES:
         raise SkipitError(f"late entry mode must be one of {', '.join(MODES)}, got {mode!r}")
     base = thresholds or Thresholds()
+    kl = None
+    if functional:
+        if budget is not None:
+            raise SkipitError("functional freezing has its own limit (kappa); it does not take a budget")
+        ablation = ((analysis["measures"].get("functional") or {}).get("ablation") or {}).get("vision")
+        if ablation is None:
+            raise SkipitError("functional freezing needs the ablation KL of vision tokens: run skipit analyze "
+                              "--ablation on a vision-language model")  # fmt: skip
+        kl = ablation["kl"]["mean"]
     scale = 1.0
     if budget is not None:
         if not 0 < budget < 1:
@@ -169,8 +195,13 @@ def make_plan(
         scale = _scale_for_budget(analysis, base, budget, mode, freeze_vision)
     t = base.scaled(scale)
     costs = layer_costs(analysis, t)
-    plan = plan_from_costs(analysis, costs, mode, freeze_vision)
+    plan = plan_from_costs(analysis, costs, mode, freeze_vision, kl, base.kappa)
     plan.evidence = _evidence(analysis, plan, base, scale, budget, costs)
+    if kl is not None:
+        plan.evidence["method"] += ", functional freezing"
+        plan.evidence["reasons"] = {**plan.evidence["reasons"], "kappa": KAPPA_REASON}
+        plan.evidence["functional"] = {"ablation_kl_vision": [round(v, 5) for v in kl],
+                                       "frozen_sum": round(sum(kl[j] for j in plan.frozen_vision_layers), 5)}
     return plan
 
 
@@ -215,7 +246,7 @@ def _evidence(analysis, plan: Plan, base: Thresholds, scale: float, budget, cost
 
 # ---------------------------------------------------------------- what the measures predict for any plan
 
-MEASURES = ("geometric", "angular", "proximal", "informational", "cka", "logit_lens", "var")
+MEASURES = ("geometric", "angular", "proximal", "informational", "cka", "logit_lens", "var", "ablation_kl")
 
 
 def layer_values(analysis: dict, delta: float = 0.05) -> dict[str, dict[str, list[float]]]:
@@ -230,6 +261,9 @@ def layer_values(analysis: dict, delta: float = 0.05) -> dict[str, dict[str, lis
         out["cka"][name] = [1 - c for c in v["cka"]["value"]] if v.get("cka") else None
     functional = analysis["measures"].get("functional") or {}
     lens = functional.get("logit_lens", {}).get("kl", {}).get("mean")
+    ablation = functional.get("ablation") or {}  # only with analyze --ablation
+    for name in mods:
+        out["ablation_kl"][name] = ablation[name]["kl"]["mean"] if name in ablation else None
     var = analysis["measures"].get("var")
     for name in mods:  # answer-position measures: one value per layer, the same whichever tokens are skipped
         out["logit_lens"][name] = lens
@@ -239,8 +273,9 @@ def layer_values(analysis: dict, delta: float = 0.05) -> dict[str, dict[str, lis
 
 def predicted_damage(analysis: dict, plan: Plan) -> dict[str, float | None]:
     """Per measure, the summed value of what `plan` removes: for a skipped layer, the token-weighted mean over the
-    modalities; for a layer that vision tokens skip, the vision value. VAR counts the layers where text loses the
-    vision keys (skipped, or vision absent); for frozen vision layers text still reads them, so VAR adds nothing."""
+    modalities; for a layer that vision tokens skip, the vision value (times the share pruned, for pruning). VAR
+    counts the layers where text loses the vision keys (skipped, vision absent or pruned); for frozen vision layers
+    text still reads them, so VAR adds nothing."""
     values, mods = layer_values(analysis), _modalities(analysis)
     weight = {m: v["n_tokens"][0] for m, v in mods.items()}
     total = sum(weight.values())
@@ -252,10 +287,14 @@ def predicted_damage(analysis: dict, plan: Plan) -> dict[str, float | None]:
             continue
         s = 0.0
         for j, role in enumerate(plan.roles()):
-            if role == "skip":
-                s += sum(per[m][j] * weight[m] for m in per) / total if measure != "var" else per["vision"][j]
+            if role == "skip" and measure == "var":  # text loses the vision keys (none in a text-only model)
+                s += per["vision"][j] if "vision" in per else 0.0
+            elif role == "skip":
+                s += sum(per[m][j] * weight[m] for m in per) / total
             elif role in ("absent", "frozen") and "vision" in per:
                 s += 0.0 if (measure == "var" and role == "frozen") else per["vision"][j]
+            elif role == "pruned" and "vision" in per:  # the share of vision tokens pruning removes
+                s += (1 - plan.prune_vision_keep) * per["vision"][j]
         out[measure] = s
     return out
 
@@ -266,7 +305,9 @@ def is_safe(analysis: dict, plan: Plan, thresholds: Thresholds | None = None) ->
     m = plan.early_exit if plan.early_exit is not None else plan.num_layers - 1
     for j, role in enumerate(plan.roles()):
         absent = costs.exit[j] if j > m else costs.absent[j]
-        cost = {"skip": costs.skip[j], "frozen": costs.freeze[j], "absent": absent, "all": 0.0}[role]
+        # pruned vision tokens leave like an early exit: the exit condition (VAR) must hold for them
+        cost = {"skip": costs.skip[j], "frozen": costs.freeze[j], "absent": absent, "pruned": costs.exit[j],
+                "all": 0.0}[role]
         if cost >= 1:
             return False
     return True

@@ -200,7 +200,7 @@ class _Charts:
 
 def plan_bands(plan, num_layers: int) -> dict[str, list[tuple[int, int]]]:
     """{band label: [(first, last) layer runs]} from the plan's per-layer roles (`Plan.roles`)."""
-    from skipit.plan import ABSENT, FROZEN, SKIP
+    from skipit.plan import ABSENT, FROZEN, PRUNED, SKIP
 
     bands: dict[str, list[tuple[int, int]]] = {}
     if plan is None or plan.num_layers != num_layers:
@@ -214,6 +214,8 @@ def plan_bands(plan, num_layers: int) -> dict[str, list[tuple[int, int]]]:
             label = "early exit (vision gone)"
         elif role == FROZEN:
             label = "frozen vision layer"
+        elif role == PRUNED:
+            label = f"vision pruned to {plan.prune_vision_keep:.0%}"
         else:
             continue
         runs = bands.setdefault(label, [])

@@ -18,6 +18,9 @@ An empty plan passes every call straight to the original layers (no bookkeeping,
 Late entry `frozen` first writes the vision tokens' keys/values to the layer's cache (k and v projections only, for
 the attention classes `skipit.adapters.base.KEYS_VALUES_ONLY` lists; otherwise the whole attention runs and its
 output is discarded), then runs the whole layer on the text tokens, which attend to those keys.
+Pruning (`prune_vision_after`, FastV-style) ranks the vision tokens in the forward call that carries them, at the
+layer named, by the last real token's attention (`Adapter.last_query_attention`, computed beside the layer, which
+keeps SDPA); later layers process the kept ones as a subset, like text tokens after an early exit.
 
 Vision tokens are the family's image/video placeholder ids in a forward call that carries pixels (see
 `skipit.adapters`). Supported: `DynamicCache` (what `generate()` uses), SDPA or eager attention, greedy/sampling/
@@ -36,7 +39,7 @@ from transformers import DynamicCache
 
 from skipit.adapters import Adapter, get_adapter
 from skipit.errors import SkipitError
-from skipit.plan import ABSENT, ALL, FROZEN, SKIP, Plan
+from skipit.plan import ABSENT, ALL, FROZEN, PRUNED, SKIP, Plan
 
 _ATTR = "_skipit_runtime"
 
@@ -65,7 +68,8 @@ def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
     runtime = _Runtime(model, adapter, plan)
     layers = adapter.layers
     for j, role in enumerate(plan.roles()):
-        layers[j] = SkipLayer(layers[j], role, runtime, last=j == len(layers) - 1)
+        layers[j] = SkipLayer(layers[j], role, runtime, last=j == len(layers) - 1,
+                              prunes=j == plan.prune_vision_after and role == ALL)
     runtime.hooks = [
         model.register_forward_pre_hook(runtime.before_forward, with_kwargs=True),
         model.register_forward_hook(runtime.after_forward, always_call=True),
@@ -97,12 +101,14 @@ def applied_plan(model: nn.Module) -> Plan | None:
 class SkipLayer(nn.Module):
     """A decoder layer that processes only the tokens its role lets through (see the module docstring)."""
 
-    def __init__(self, base_layer: nn.Module, role: str, runtime: _Runtime, last: bool = False):
+    def __init__(self, base_layer: nn.Module, role: str, runtime: _Runtime, last: bool = False,
+                 prunes: bool = False):  # fmt: skip
         super().__init__()
         self.base_layer = base_layer
         self.role = role
         self.runtime = runtime
         self.last = last  # the backbone's last layer hands the full sequence to the final norm
+        self.prunes = prunes  # this layer's attention ranks the vision tokens that later layers keep
 
     def __getattr__(self, name):
         try:
@@ -130,6 +136,9 @@ class SkipLayer(nn.Module):
         kwargs["past_key_values"] = cache
         kwargs["position_ids"] = None  # only flash attention reads them, and plans do not run with it
         adapter = self.runtime.adapter
+        if self.prunes:
+            hidden_states = step.expand(hidden_states)
+            step.rank_vision(self.base_layer, hidden_states, kwargs["position_embeddings"])
         for part in step.parts(self.role):
             if part.size == 0:
                 continue
@@ -219,6 +228,7 @@ class _Step:
         self.state.seen += T
         self._parts, self._selections = {}, {}
         self._scratch = None
+        self.kept = None  # (batch, seq) vision tokens kept by pruning, once the pruning layer has ranked them
         # Layers that process the same subset in a row pass it on compacted: gathered once, scattered back once.
         self._full = None  # the whole sequence as it was when the subset was taken (rows outside it stay current)
         self._subset = None  # the `take` index of the subset being passed on, or None: the whole sequence is
@@ -250,6 +260,18 @@ class _Step:
             self._scratch = DynamicCache()
         return self._scratch
 
+    def rank_vision(self, layer: nn.Module, hidden: torch.Tensor, position_embeddings) -> None:
+        """Keep, in each row, the share `prune_vision_keep` (rounded up) of its vision tokens that the row's last
+        real token attends to most in `layer`, whose input is `hidden` (the whole sequence)."""
+        if self.vision is None or self.kept is not None:
+            return
+        last = self.valid.shape[1] - 1 - self.valid.flip(1).long().argmax(1)
+        weights = self.runtime.adapter.last_query_attention(layer, hidden, position_embeddings, self.valid, last)
+        weights = weights.masked_fill(~self.vision, -1.0)
+        counts = torch.ceil(self.vision.sum(1) * self.runtime.plan.prune_vision_keep).long()
+        rank = weights.argsort(dim=1, descending=True, stable=True).argsort(dim=1)
+        self.kept = self.vision & (rank < counts[:, None])
+
     def parts(self, role: str) -> list[_Part]:
         if role not in self._parts:
             self._parts[role] = self._make_parts(role)
@@ -261,14 +283,19 @@ class _Step:
             return [self._part(keys, None, ordered=True)]
         if role == ABSENT:
             return [self._part(keys, "text", ordered=True)]
+        if role == PRUNED:
+            return [self._part(keys, "kept", ordered=True)]
         assert role == FROZEN
         vision = self._part(keys, "vision", ordered=True, attention_only=True)
         return [vision, self._part(keys, "text", ordered=False)]
 
     def _select(self, name: str):
-        """(take, keep, index, valid) of the text or the vision tokens; the same objects for every role."""
+        """(take, keep, index, valid) of the text, the vision or the text and kept vision tokens; the same objects
+        for every role."""
         if name not in self._selections:
             select = self.vision if name == "vision" else ~self.vision
+            if name == "kept":
+                select = select | self.kept
             counts = select.sum(1)
             n = int(counts.max())
             # kept tokens first, in sequence order; rows with fewer of them are padded with other tokens

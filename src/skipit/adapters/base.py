@@ -127,3 +127,33 @@ class Adapter:
         rotary = sys.modules[type(attention).__module__].apply_rotary_pos_emb
         _, keys = rotary(keys[:, :0], keys, *kwargs["position_embeddings"])  # no queries needed
         kwargs["past_key_values"].update(keys, values, attention.layer_idx)
+
+    def last_query_attention(self, layer: nn.Module, hidden: torch.Tensor, position_embeddings, valid: torch.Tensor,
+                             last: torch.Tensor) -> torch.Tensor:  # fmt: skip
+        """The attention weights (batch, seq) of each row's token `last` on the tokens of `hidden`, mean over heads,
+        as `layer` computes them from its input `hidden` (what FastV ranks vision tokens by); `valid` masks padding.
+
+        Computed from the pre-attention norm, q/k projections and rotary, as the attention classes in
+        `KEYS_VALUES_ONLY` do; so the layer itself keeps running under SDPA, which does not return weights.
+        """
+        norm, attention = self.attention_parts(layer)
+        if type(attention).__name__ not in KEYS_VALUES_ONLY:
+            raise SkipitError(
+                f"pruning vision tokens by attention is not supported for {type(attention).__name__} "
+                f"(supported: {', '.join(sorted(KEYS_VALUES_ONLY))})"
+            )
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        x = norm(hidden)
+        d = attention.head_dim
+        query = attention.q_proj(x[rows, last]).view(len(rows), -1, 1, d)  # (batch, heads, 1, d)
+        keys = attention.k_proj(x).view(*x.shape[:-1], -1, d).transpose(1, 2)  # (batch, kv heads, seq, d)
+        cos, sin = (t.expand(len(rows), *t.shape[1:]) for t in position_embeddings)
+        rotary = sys.modules[type(attention).__module__].apply_rotary_pos_emb
+        query, _ = rotary(query, query[:, :0], cos[rows, last][:, None], sin[rows, last][:, None])
+        _, keys = rotary(keys[:, :0], keys, cos, sin)
+        query = query.view(len(rows), keys.shape[1], -1, d)  # query heads grouped by the kv head they share
+        scores = torch.einsum("bgqd,bgkd->bgqk", query.float(), keys.float()) * attention.scaling
+        seq = torch.arange(hidden.shape[1], device=hidden.device)
+        allowed = valid & (seq[None] <= last[:, None])
+        scores = scores.masked_fill(~allowed[:, None, None], float("-inf"))
+        return scores.softmax(-1).mean((1, 2))

@@ -24,6 +24,7 @@ from skipit.progress import progress
 @dataclass
 class DemoConfig:
     n_calib: int = 32  # calibration records analysed
+    ablation: bool = True  # ablation KL too (about 6 min on 2 cores): skipit's plan freezes vision tokens by it
     n_test: int = 100  # test questions scored per plan
     step: int = 15  # layer spacing of the plan grid
     batch_size: int = 16
@@ -59,11 +60,14 @@ def run(run_dir: str | Path, config: DemoConfig | None = None, model_path: str |
     else:
         with progress("ex") as bar:
             task = bar.add_task("1/4 analyze (calibration)", total=len(calib))
-            analysis = analyze(model, processor, calib, batch_size=8, run_dir=run_dir, model_path=str(path),
+            analysis = analyze(model, processor, calib, batch_size=8, ablation=config.ablation, run_dir=run_dir,
+                               model_path=str(path),
                                data_path=str(shapes_split("calibration")),
                                on_batch=lambda n: bar.advance(task, n)).result  # fmt: skip
     # 2. plan
-    plan = make_plan(analysis, freeze_vision=True)  # the conditions' bands, plus vision tokens frozen where allowed
+    # the conditions' bands, plus vision tokens frozen where the functional (or, without it, geometric) test allows
+    functional = bool((analysis["measures"].get("functional") or {}).get("ablation"))
+    plan = make_plan(analysis, functional=True) if functional else make_plan(analysis, freeze_vision=True)
     if plan.is_empty:  # nothing meets the default conditions: take the cheapest 20 % instead, and say so
         console.print("no layer meets the default conditions; planning the cheapest 20 % of FLOPs instead")
         plan = make_plan(analysis, budget=0.2)
@@ -76,6 +80,7 @@ def run(run_dir: str | Path, config: DemoConfig | None = None, model_path: str |
     encoded = sweep.speed_batch(model, processor, test)
     with console.status("3/4 ranking layers for the baselines"):
         plans |= sweep.compared_plans(model, processor, calib[:20], analysis, encoded, [round(saving, 3)])
+    plans.pop("skipit+functional" if functional else "skipit+freeze", None)  # the demo's own plan, below
     plans["skipit"] = ("skipit", plan)
     with progress("plan") as bar:
         task = bar.add_task("3/4 sweep: plans scored and timed", total=len(plans))

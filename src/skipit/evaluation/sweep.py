@@ -50,9 +50,16 @@ def grid(model, step: int = 3) -> dict[str, tuple[str, Plan]]:
 
 def compared_plans(model, processor, calib, analysis: dict, encoded: dict, budgets: list[float],
                    methods: tuple[str, ...] = baselines.METHODS) -> dict[str, tuple[str, Plan]]:  # fmt: skip
-    """skipit's own plan (default thresholds), and skipit and each baseline at every FLOPs budget ("method@budget").
+    """skipit's own plans (default thresholds, without and with frozen vision layers, and with functional freezing
+    when the analysis has the ablation KL), FastV's own, and skipit and each baseline at every FLOPs budget
+    ("method@budget").
     A method that cannot reach a budget (say, VTW past what removing every vision token saves) is left out there."""
-    out = {"skipit": ("skipit", make_plan(analysis))}
+    out = {"skipit": ("skipit", make_plan(analysis)),
+           "skipit+freeze": ("skipit", make_plan(analysis, freeze_vision=True))}
+    if (analysis["measures"].get("functional") or {}).get("ablation"):  # analyze --ablation
+        out["skipit+functional"] = ("skipit", make_plan(analysis, functional=True))
+    if "fastv" in methods:  # FastV's own setting, K = 2 and R = 50 %, whatever it saves
+        out["fastv"] = ("baseline", Plan.for_model(model, prune_vision_after=baselines.FASTV_LAYER))
     cache: dict = {}
     for b in budgets:
         for method in ("skipit", *methods):
@@ -121,7 +128,8 @@ def run(
         path = run_dir / "plans" / f"{name}.json"
         if path.is_file():
             saved = json.loads(path.read_text())
-            if saved["plan"] == plan.to_dict() and saved["n"] == len(records):
+            # read back through Plan, so files written before a plan field existed still match
+            if Plan.from_dict(saved["plan"]).to_dict() == plan.to_dict() and saved["n"] == len(records):
                 done[name] = saved
                 if on_plan:
                     on_plan(name)
