@@ -46,12 +46,11 @@ def test_cache_bytes_skips_layers_that_cached_nothing():
 
 
 @pytest.fixture(scope="module")
-def saved(tiny_llava, tmp_path_factory):
+def saved(tiny_llava, tiny_llava_dir, tmp_path_factory):
     """The tiny LLaVA on disk, an image, an empty plan for it, and a plan for other weights."""
     root = tmp_path_factory.mktemp("cli")
     model, processor = tiny_llava
-    model.save_pretrained(root / "m")
-    processor.save_pretrained(root / "m")
+    (root / "m").symlink_to(tiny_llava_dir)  # the shared checkpoint, read only
     Image.new("RGB", (28, 28), (200, 30, 30)).save(root / "a.png")
     (root / "broken.png").write_bytes(b"not an image")
     Plan.for_model(model).save(root / "empty.json")

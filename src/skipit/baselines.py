@@ -82,7 +82,7 @@ def layer_contribution(model, processor, records) -> list[float]:
     """ShortV's Layer Contribution of each layer for vision tokens: KL(full || vision tokens frozen at that layer)."""
     full = last_logprobs(model, processor, records)
     empty = Plan.for_model(model)
-    return [kl(full, last_logprobs(model, processor, records, _with(empty, frozen_vision_layers=[j])))
+    return [kl(full, last_logprobs(model, processor, records, empty.with_decisions(frozen_vision_layers=[j])))
             for j in range(empty.num_layers)]  # fmt: skip
 
 
@@ -106,10 +106,6 @@ def block_distances(model, processor, records, n: int) -> list[float]:
     return (sums / count).tolist()
 
 
-def _with(empty: Plan, **decisions) -> Plan:
-    return Plan(empty.architecture, empty.num_layers, empty.fingerprint, **decisions)
-
-
 def block_influence(analysis: dict) -> list[float]:
     """ShortGPT's Block Influence over all tokens: the token-weighted mean of each modality's 1 - cos."""
     mods = {m: v for m, v in analysis["measures"]["hidden"]["modalities"].items() if v["n_tokens"][0] > 0}
@@ -128,7 +124,7 @@ def baseline_plan(method: str, model, processor, calib, encoded: dict, budget: f
     L = empty.num_layers
     if method == "vtw":
         for m in range(L - 1, -1, -1):
-            plan = _with(empty, early_exit=m)
+            plan = empty.with_decisions(early_exit=m)
             if saving(model, encoded, plan) >= budget:
                 return plan
         raise SkipitError(f"vtw cannot remove {budget:.0%} of the FLOPs")
@@ -136,10 +132,10 @@ def baseline_plan(method: str, model, processor, calib, encoded: dict, budget: f
         if "lc" not in cache:
             cache["lc"] = layer_contribution(model, processor, calib)
         order = sorted(range(L), key=lambda j: cache["lc"][j])
-        return greedy(order, lambda js: _with(empty, frozen_vision_layers=js), model, encoded, budget)
+        return greedy(order, lambda js: empty.with_decisions(frozen_vision_layers=js), model, encoded, budget)
     if method == "fastv":
         def fastv(keep: float) -> Plan:
-            return _with(empty, prune_vision_after=FASTV_LAYER, prune_vision_keep=keep)
+            return empty.with_decisions(prune_vision_after=FASTV_LAYER, prune_vision_keep=keep)
 
         lo, hi = 1e-3, 1 - 1e-3  # saving falls as the share kept grows: find the largest share that meets budget
         if saving(model, encoded, fastv(lo)) < budget:
@@ -153,19 +149,19 @@ def baseline_plan(method: str, model, processor, calib, encoded: dict, budget: f
             raise SkipitError("shortgpt ranks layers by Block Influence: give it an analysis")
         bi = block_influence(analysis)
         order = sorted(range(L), key=lambda j: bi[j])
-        return greedy(order, lambda js: _with(empty, skip_layers=js), model, encoded, budget)
+        return greedy(order, lambda js: empty.with_decisions(skip_layers=js), model, encoded, budget)
     if method == "gromov":
         for n in range(1, L - 1):
-            if saving(model, encoded, _with(empty, skip_layers=range(n))) >= budget:
+            if saving(model, encoded, empty.with_decisions(skip_layers=range(n))) >= budget:
                 key = f"gromov{n}"
                 if key not in cache:
                     cache[key] = block_distances(model, processor, calib, n)
                 start = min(range(len(cache[key])), key=lambda s: cache[key][s])
-                return _with(empty, skip_layers=range(start, start + n))
+                return empty.with_decisions(skip_layers=range(start, start + n))
         raise SkipitError(f"gromov cannot remove {budget:.0%} of the FLOPs")
     if method == "random":
         order = random.Random(f"random-layers/{seed}").sample(range(L), L)
-        return greedy(order, lambda js: _with(empty, skip_layers=js), model, encoded, budget)
+        return greedy(order, lambda js: empty.with_decisions(skip_layers=js), model, encoded, budget)
     raise SkipitError(f"unknown baseline {method!r}; choose from {', '.join(METHODS)}")
 
 
@@ -174,6 +170,6 @@ def vtw_own_k(model, processor, calib, threshold: float = 0.05) -> tuple[int | N
     (None if none is), and the KL of every K."""
     full = last_logprobs(model, processor, calib)
     empty = Plan.for_model(model)
-    kls = [kl(full, last_logprobs(model, processor, calib, _with(empty, early_exit=m))) for m in
+    kls = [kl(full, last_logprobs(model, processor, calib, empty.with_decisions(early_exit=m))) for m in
            range(empty.num_layers)]  # fmt: skip
     return next((m for m, v in enumerate(kls) if v < threshold), None), kls

@@ -123,6 +123,10 @@ class Plan:
         n = get_adapter(model).num_layers
         return cls(architecture=type(model).__name__, num_layers=n, fingerprint=fingerprint(model), **decisions)
 
+    def with_decisions(self, **decisions) -> Plan:
+        """A plan for the same model with only `decisions` (and no evidence)."""
+        return Plan(self.architecture, self.num_layers, self.fingerprint, **decisions)
+
     def roles(self) -> list[str]:
         """What each layer does with vision tokens: 'all' (processes them), 'absent', 'frozen', 'pruned' (only the
         kept ones) or 'skip'."""

@@ -35,11 +35,7 @@ def grid(model, step: int = 3) -> dict[str, tuple[str, Plan]]:
     if step < 1:
         raise SkipitError(f"step must be at least 1, got {step}")
     empty = Plan.for_model(model)
-    L = empty.num_layers
-
-    def plan(**kw) -> Plan:
-        return Plan(empty.architecture, L, empty.fingerprint, **kw)
-
+    L, plan = empty.num_layers, empty.with_decisions
     out = {"empty": ("empty", empty)}
     out |= {f"late_entry_{k}": ("late_entry", plan(late_entry=k)) for k in range(step, L, step)}
     out |= {f"early_exit_{m}": ("early_exit", plan(early_exit=m)) for m in range(L - 1 - step, -1, -step)}
