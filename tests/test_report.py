@@ -180,6 +180,11 @@ def test_plan_bands_follow_roles():
     assert rep.plan_bands(plan, 12) == {}  # a plan for another layer count shades nothing
     assert rep.describe_plan(plan.to_dict()) == "k=3 (frozen), m=7, skip 5, 9, frozen 4"
     assert rep.describe_plan(Plan("X", 10, "f").to_dict()) == "no change"
+    pruned = Plan("X", 10, "f", prune_vision_after=1, prune_vision_keep=0.25, early_exit=6)
+    bands = rep.plan_bands(pruned, 10)
+    assert bands == {"vision pruned (a share kept)": [(2, 6)], "early exit (vision gone)": [(7, 9)]}
+    assert set(bands) <= set(rep.BANDS)  # every band has a colour: the report draws it
+    assert rep.describe_plan(pruned.to_dict()) == "m=6, vision pruned to 25% after 1"
 
 
 def test_missing_analysis_is_a_one_line_error(make_run, tmp_path):

@@ -37,6 +37,7 @@ BANDS = {
     "early exit (vision gone)": "#d62728",
     "skipped (all tokens)": "#7f7f7f",
     "frozen vision layer": "#17becf",
+    "vision pruned (a share kept)": "#ff7f0e",
 }
 COST_LABELS = {"skip": "skip the layer (all tokens)", "freeze": "freeze vision tokens",
                "absent": "vision absent (late entry)", "exit": "vision gone (early exit)"}
@@ -151,6 +152,8 @@ def describe_plan(plan: dict | None) -> str:
         parts.append(f"skip {_layers(plan['skip_layers'])}")
     if plan.get("frozen_vision_layers"):
         parts.append(f"frozen {_layers(plan['frozen_vision_layers'])}")
+    if plan.get("prune_vision_after") is not None:
+        parts.append(f"vision pruned to {plan.get('prune_vision_keep', 0.5):.0%} after {plan['prune_vision_after']}")
     return ", ".join(parts) or "no change"
 
 
@@ -215,7 +218,7 @@ def plan_bands(plan, num_layers: int) -> dict[str, list[tuple[int, int]]]:
         elif role == FROZEN:
             label = "frozen vision layer"
         elif role == PRUNED:
-            label = f"vision pruned to {plan.prune_vision_keep:.0%}"
+            label = "vision pruned (a share kept)"
         else:
             continue
         runs = bands.setdefault(label, [])
