@@ -30,15 +30,12 @@ from skipit import models
 from skipit.analysis import batch_inputs
 from skipit.capture import Calibrator
 from skipit.data.jsonl import load_records
-from skipit.data.shapes import write_split
-from skipit.demo.build import cache_dir, default_model_path
+from skipit.demo.build import default_model_path, shapes_split
 from skipit.stats import StatsConfig
 
 
 def calibration_records(n: int):
-    root = cache_dir() / "shapes"
-    path = root / "calibration" / "data.jsonl"
-    base = load_records(path if path.is_file() else write_split(root, "calibration"))
+    base = load_records(shapes_split("calibration"))
     return [dataclasses.replace(base[i % len(base)], id=f"{base[i % len(base)].id}#{i // len(base)}")
             for i in range(n)]
 

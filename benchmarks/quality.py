@@ -11,8 +11,7 @@ import time
 
 from skipit import models
 from skipit.data.jsonl import load_records
-from skipit.data.shapes import ensure_split
-from skipit.demo.build import cache_dir, ensure_built
+from skipit.demo.build import ensure_built, shapes_split
 from skipit.evaluation import vqa
 from skipit.io import write_json
 from skipit.progress import progress
@@ -27,7 +26,7 @@ def main() -> None:
 
     path = ensure_built()
     model, processor = models.load(path)
-    records = load_records(ensure_split(cache_dir() / "shapes", "test"), limit=args.n)
+    records = load_records(shapes_split("test"), limit=args.n)
     results = {}
     for blind in (False, True):
         name = "blind" if blind else "image"

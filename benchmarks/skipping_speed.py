@@ -11,7 +11,6 @@ model, at each batch size. Prints markdown tables for docs/benchmarks.md.
 from __future__ import annotations
 
 import argparse
-import math
 import platform
 import statistics
 import time
@@ -21,10 +20,9 @@ from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForCon
 
 from skipit import models
 from skipit.data.jsonl import load_records
-from skipit.data.shapes import ensure_split
-from skipit.demo.build import cache_dir, ensure_built
+from skipit.demo.build import ensure_built, shapes_split
 from skipit.evaluation import speed
-from skipit.flops import Shape
+from skipit.flops import Shape, roles_of
 from skipit.io import write_json
 from skipit.plan import Plan
 
@@ -69,7 +67,7 @@ def random_inputs(model, batch: int, text_before: int = 5, text_after: int = 35,
 
 def mini_llava_inputs(processor, batch: int) -> dict:
     """`batch` different images of `shapes`/test, with the first record's question for every row (no padding)."""
-    records = load_records(ensure_split(cache_dir() / "shapes", "test"), limit=batch)
+    records = load_records(shapes_split("test"), limit=batch)
     return speed.chat_inputs(processor, [r.load_image() for r in records], [records[0].question] * batch)
 
 
@@ -110,20 +108,16 @@ def layer_cost_per_token(model, batch: int, lengths: list[int], repeats: int = 2
     return {n: statistics.median(t) for n, t in times.items()}
 
 
-def pruned_vision(plan: Plan, n_vision: int) -> int:
-    return math.ceil(n_vision * plan.prune_vision_keep)
-
-
 def layer_time_ideal(model, plan: Plan | None, width: int, n_vision: int, per_token: dict[int, float]) -> float:
     """Prefill time of the decoder layers predicted from the untouched layer's measured time per token at the token
     counts the plan runs them on (frozen vision tokens: their share of k/v projection FLOPs at the full count)."""
     shape, n_text = Shape.from_model(model), width - n_vision
     kv_share = 2 * shape.hidden * shape.kv_width / shape.token_macs
     full, text = width * per_token[width], n_text * per_token[n_text]
-    roles = plan.roles() if plan is not None else ["all"] * shape.num_layers
+    roles = roles_of(plan, shape.num_layers)
     each = {"all": full, "absent": text, "frozen": text + n_vision * per_token[width] * kv_share, "skip": 0.0}
-    if plan is not None and "pruned" in roles:
-        n = n_text + pruned_vision(plan, n_vision)
+    if "pruned" in roles:
+        n = n_text + plan.vision_kept(n_vision)
         each["pruned"] = n * per_token[n]
     return sum(each[r] for r in roles)
 
@@ -145,7 +139,7 @@ def bench(name: str, model, inputs: dict, args) -> list[dict]:
     )
     print(speed.markdown_table(rows))
 
-    lengths = {width, width - n_vision} | {width - n_vision + pruned_vision(p, n_vision) for p in configs.values()
+    lengths = {width, width - n_vision} | {width - n_vision + p.vision_kept(n_vision) for p in configs.values()
                                           if p is not None and p.prune_vision_after is not None}  # fmt: skip
     per_token = layer_cost_per_token(model, batch, sorted(lengths))
     print(

@@ -14,22 +14,6 @@ import json
 from pathlib import Path
 
 
-def repredict(sweep: dict, analysis: dict) -> None:
-    from skipit.evaluation.sweep import GRID, correlations
-    from skipit.plan import Plan
-    from skipit.planner import is_safe, predicted_damage
-
-    for r in sweep["plans"]:
-        plan = Plan.from_dict(r["plan"])
-        r["predicted"], r["safe"] = predicted_damage(analysis, plan), is_safe(analysis, plan)
-    scored = [r for r in sweep["plans"] if r["family"] in GRID]
-    sweep["correlation"] = correlations(scored)
-    sweep["correlation_by_family"] = {f: correlations([r for r in scored if r["family"] == f])
-                                      for f in sorted({r["family"] for r in scored})}  # fmt: skip
-    sweep["safe_but_lost"] = [r["name"] for r in sweep["plans"]
-                              if r["family"] != "empty" and r["safe"] and r["accuracy_drop"] > sweep["lost_points"]]
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("sweep")
@@ -37,7 +21,10 @@ def main() -> None:
     args = ap.parse_args()
     sweep = json.loads(Path(args.sweep).read_text())
     if args.analysis:
-        repredict(sweep, json.loads((Path(args.analysis) / "analysis.json").read_text()))
+        from skipit.evaluation.sweep import judge
+
+        analysis = json.loads((Path(args.analysis) / "analysis.json").read_text())
+        sweep |= judge(sweep["plans"], analysis, sweep["lost_points"])
     ref = sweep["reference"]["accuracy"]
     print(f"Reference (no plan): accuracy {ref:.3f} on {sweep['data']['n']} questions.\n")
     print("| plan | accuracy | drop (points) | FLOPs removed | prefill x (ideal) | decode x | safe |")

@@ -214,7 +214,9 @@ def test_write_is_atomic(make_run, monkeypatch):
     def fail(*args):
         raise OSError("disk full")
 
-    monkeypatch.setattr(rep.os, "replace", fail)
+    import skipit.io
+
+    monkeypatch.setattr(skipit.io.os, "replace", fail)  # the report is written through skipit.io.write_text
     (run / "sweep.json").unlink()
     with pytest.raises(OSError, match="disk full"):
         rep.write_report(run)

@@ -65,12 +65,6 @@ def test_correlations_on_known_rankings():
     assert c["var"]["spearman"] == pytest.approx(-1.0) and c["geometric"]["n"] == 8
 
 
-def test_cli_offers_every_baseline():
-    from skipit import cli
-
-    assert cli.BASELINES == baselines.METHODS
-
-
 def test_baselines_meet_the_budget_their_own_way(setup):
     model, processor, test, calib, analysis = setup
     encoded = sweep.speed_batch(model, processor, test)

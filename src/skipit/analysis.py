@@ -262,9 +262,7 @@ def analyze(
     with bar as (advance), calibrator:
         for i in range(0, len(todo), batch_size):
             batch = todo[i:i + batch_size]
-            inputs = {k: v.to(model.device) if isinstance(v, torch.Tensor) else v
-                      for k, v in batch_inputs(processor, batch, has_vision).items()}  # fmt: skip
-            calibrator.update(inputs, [r.id for r in batch])
+            calibrator.update(batch_inputs(processor, batch, has_vision), [r.id for r in batch])
             done += len(batch)
             advance(len(batch))
             if shard is not None and ((i // batch_size + 1) % shard_every == 0 or done == len(mine)):

@@ -28,6 +28,7 @@ import torch
 from skipit.errors import SkipitError
 from skipit.evaluation import speed, vqa
 from skipit.plan import Plan
+from skipit.planner import modalities
 from skipit.skipping import apply_plan, remove_plan
 
 METHODS = ("vtw", "shortv", "fastv", "shortgpt", "gromov", "random")
@@ -62,9 +63,7 @@ def last_logprobs(model, processor, records, plan: Plan | None = None, batch_siz
         apply_plan(model, plan)
     try:
         for i in range(0, len(records), batch_size):
-            rows = records[i:i + batch_size]
-            texts = [vqa.prompt_text(processor, r.question) for r in rows]
-            inputs = vqa.batch_inputs(model, processor, [r.load_image() for r in rows], texts)
+            inputs = vqa.record_inputs(model, processor, records[i:i + batch_size])
             logits = model(**inputs, logits_to_keep=1).logits[:, -1].float()
             out.append(torch.log_softmax(logits, -1))
     finally:
@@ -95,8 +94,7 @@ def block_distances(model, processor, records, n: int) -> list[float]:
     count = 0
     for i in range(0, len(records), 16):
         rows = records[i:i + 16]
-        texts = [vqa.prompt_text(processor, r.question) for r in rows]
-        inputs = vqa.batch_inputs(model, processor, [r.load_image() for r in rows], texts)
+        inputs = vqa.record_inputs(model, processor, rows)
         hs = model(**inputs, output_hidden_states=True, logits_to_keep=1).hidden_states  # X_0..X_{L-1}, normed X_L
         last = torch.stack([h[:, -1].float() for h in hs[:L]])  # (L, batch, hidden)
         for start in range(L - n):  # blocks start..start+n-1 end at layer L-2 at the latest
@@ -108,7 +106,7 @@ def block_distances(model, processor, records, n: int) -> list[float]:
 
 def block_influence(analysis: dict) -> list[float]:
     """ShortGPT's Block Influence over all tokens: the token-weighted mean of each modality's 1 - cos."""
-    mods = {m: v for m, v in analysis["measures"]["hidden"]["modalities"].items() if v["n_tokens"][0] > 0}
+    mods = modalities(analysis)
     weight = {m: v["n_tokens"][0] for m, v in mods.items()}
     L = len(analysis["layers"])
     return [sum(v["geometric"]["block_influence"]["mean"][j] * weight[m] for m, v in mods.items())

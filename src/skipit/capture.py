@@ -170,6 +170,7 @@ class Calibrator:
     @torch.no_grad()
     def update(self, inputs: dict, example_ids: Sequence) -> None:
         """Run one batch (the processor's output) and add it to every statistic."""
+        inputs = {k: v.to(self.model.device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
         ids = list(example_ids)
         masks, valid = self.masks(inputs)
         answer = answer_index(valid)

@@ -113,7 +113,6 @@ def demo(
 
 
 EVAL_TASKS = ("vqa", "caption")
-BASELINES = ("vtw", "shortv", "fastv", "shortgpt", "gromov", "random")  # skipit.baselines.METHODS, not imported here
 
 
 @app.command("eval")
@@ -341,7 +340,7 @@ def sweep(
     n: Annotated[int, typer.Option(help="Records to score per plan")] = 150,
     step: Annotated[int, typer.Option(help="Layer spacing of the plan grid")] = 3,
     budgets: Annotated[str, typer.Option(help="FLOPs budgets, skipit vs baselines (comma-separated)")] = "0.1,0.2,0.3",
-    methods: Annotated[str, typer.Option(help="Baselines (comma-separated)")] = ",".join(BASELINES),
+    methods: Annotated[str | None, typer.Option(help="Baselines (comma-separated) [default: all]")] = None,
     n_calib: Annotated[int, typer.Option(help="Calibration records the baselines use")] = 20,
     batch_size: int = 16,
     repeats: Annotated[int, typer.Option(help="Speed measurement rounds per plan")] = 3,
@@ -356,9 +355,9 @@ def sweep(
     vlm, processor = _load_vlm(model, None)
     records = load_records(data, limit=n)
     result = Analysis.load(analysis).result if analysis else None
-    plans = sweep_mod.grid(vlm, step)
+    plans, encoded = sweep_mod.grid(vlm, step), None
     if result is not None:
-        chosen = tuple(m.strip() for m in methods.split(",") if m.strip())
+        chosen = baselines_mod.METHODS if methods is None else tuple(m.strip() for m in methods.split(",") if m.strip())
         if unknown := [m for m in chosen if m not in baselines_mod.METHODS]:
             raise SkipitError(f"unknown baselines {unknown}; choose from {', '.join(baselines_mod.METHODS)}")
         try:
@@ -372,7 +371,7 @@ def sweep(
     with progress("plan") as bar:
         task = bar.add_task("sweeping plans", total=len(plans))
         summary = sweep_mod.run(vlm, processor, records, out, plans, analysis=result, batch_size=batch_size,
-                                repeats=repeats, on_plan=lambda name: bar.advance(task))  # fmt: skip
+                                repeats=repeats, encoded=encoded, on_plan=lambda name: bar.advance(task))  # fmt: skip
     _print_sweep(summary)
     console.print(f"sweep written to {out / 'sweep.json'}")
 

@@ -17,7 +17,6 @@ of every token, the last token's query and scores); `skip` nothing.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -119,7 +118,7 @@ def cost(
     vision = [bool(v) for v in vision]
     n, n_vision = len(vision), sum(vision)
     n_text = n - n_vision
-    n_pruned = n_text + (math.ceil(n_vision * plan.prune_vision_keep) if PRUNED in roles else n_vision)
+    n_pruned = n_text + (plan.vision_kept(n_vision) if PRUNED in roles else n_vision)
     # causal pairs: every query sees every key at or before it, among the tokens the layer keeps
     pairs = {
         ALL: n * (n + 1) // 2,

@@ -48,6 +48,14 @@ def default_device() -> str:
     return "cpu"
 
 
+def torch_dtype(name: str):
+    """The torch dtype called `name` ("float32", "bfloat16", ...), or None if there is none."""
+    import torch
+
+    dtype = getattr(torch, str(name), None)
+    return dtype if isinstance(dtype, torch.dtype) else None
+
+
 def load(path: str | Path, dtype=None, device: str | None = None):
     """(model, processor) in eval mode, on `device` (default: `default_device()`); processor is a tokenizer for
     text-only causal LMs. dtype: float32 on the CPU, bfloat16 on a GPU, unless given or set in $SKIPIT_DTYPE."""
@@ -59,8 +67,8 @@ def load(path: str | Path, dtype=None, device: str | None = None):
     kind = getattr(config, "model_type", None)
     device = device or default_device()
     if dtype is None and (name := os.environ.get("SKIPIT_DTYPE")):
-        dtype = getattr(torch, name, None)
-        if not isinstance(dtype, torch.dtype):
+        dtype = torch_dtype(name)
+        if dtype is None:
             raise SkipitError(f"SKIPIT_DTYPE={name!r} is not a torch dtype (try float32, bfloat16, float16)")
     dtype = dtype or (torch.float32 if device == "cpu" else torch.bfloat16)
     if kind in VLM_FAMILIES:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -126,6 +127,10 @@ class Plan:
     def with_decisions(self, **decisions) -> Plan:
         """A plan for the same model with only `decisions` (and no evidence)."""
         return Plan(self.architecture, self.num_layers, self.fingerprint, **decisions)
+
+    def vision_kept(self, n_vision: int) -> int:
+        """How many of a prompt's `n_vision` vision tokens pruning keeps (the share, rounded up)."""
+        return math.ceil(n_vision * self.prune_vision_keep)
 
     def roles(self) -> list[str]:
         """What each layer does with vision tokens: 'all' (processes them), 'absent', 'frozen', 'pruned' (only the

@@ -67,9 +67,15 @@ class Costs:
     exit: list[float]  # vision tokens gone, after the early exit
 
 
-def _modalities(analysis: dict) -> dict:
+def modalities(analysis: dict) -> dict:
     """The modalities the calibration data had tokens of (a text-only model's analysis has an empty "vision")."""
     return {m: v for m, v in analysis["measures"]["hidden"]["modalities"].items() if v["n_tokens"][0] > 0}
+
+
+def ablation_kl(analysis: dict) -> dict[str, list[float]]:
+    """Per modality, the ablation KL of each layer; empty unless the analysis was made with `analyze --ablation`."""
+    ablation = (analysis["measures"].get("functional") or {}).get("ablation") or {}
+    return {m: v["kl"]["mean"] for m, v in ablation.items()}
 
 
 def _tail(modality: dict, delta: float) -> list[float]:
@@ -81,7 +87,7 @@ def _tail(modality: dict, delta: float) -> list[float]:
 
 
 def layer_costs(analysis: dict, t: Thresholds) -> Costs:
-    mods = _modalities(analysis)
+    mods = modalities(analysis)
     L = len(analysis["layers"])
     geo = {m: [r / t.epsilon for r in v["geometric"]["rho"]["mean"]] for m, v in mods.items()}
     prox = {m: [p / t.eta for p in _tail(v, t.delta)] for m, v in mods.items()}
@@ -98,7 +104,7 @@ def layer_costs(analysis: dict, t: Thresholds) -> Costs:
 
 def mean_prompt(analysis: dict) -> tuple[int, int]:
     """Average vision and text tokens per calibration prompt."""
-    mods, n = _modalities(analysis), analysis["data"]["n_records"]
+    mods, n = modalities(analysis), analysis["data"]["n_records"]
     count = {m: round(v["n_tokens"][0] / n) for m, v in mods.items()}
     return count.get("vision", 0), count.get("text", 0)
 
@@ -183,11 +189,10 @@ def make_plan(
     if functional:
         if budget is not None:
             raise SkipitError("functional freezing has its own limit (kappa); it does not take a budget")
-        ablation = ((analysis["measures"].get("functional") or {}).get("ablation") or {}).get("vision")
-        if ablation is None:
+        kl = ablation_kl(analysis).get("vision")
+        if kl is None:
             raise SkipitError("functional freezing needs the ablation KL of vision tokens: run skipit analyze "
                               "--ablation on a vision-language model")  # fmt: skip
-        kl = ablation["kl"]["mean"]
     scale = 1.0
     if budget is not None:
         if not 0 < budget < 1:
@@ -251,7 +256,7 @@ MEASURES = ("geometric", "angular", "proximal", "informational", "cka", "logit_l
 
 def layer_values(analysis: dict, delta: float = 0.05) -> dict[str, dict[str, list[float]]]:
     """Per measure and modality, one value per layer, oriented so that larger means the layer matters more."""
-    mods = _modalities(analysis)
+    mods = modalities(analysis)
     out: dict[str, dict[str, list[float]]] = {m: {} for m in MEASURES}
     for name, v in mods.items():
         out["geometric"][name] = v["geometric"]["rho"]["mean"]
@@ -261,9 +266,9 @@ def layer_values(analysis: dict, delta: float = 0.05) -> dict[str, dict[str, lis
         out["cka"][name] = [1 - c for c in v["cka"]["value"]] if v.get("cka") else None
     functional = analysis["measures"].get("functional") or {}
     lens = functional.get("logit_lens", {}).get("kl", {}).get("mean")
-    ablation = functional.get("ablation") or {}  # only with analyze --ablation
+    ablation = ablation_kl(analysis)
     for name in mods:
-        out["ablation_kl"][name] = ablation[name]["kl"]["mean"] if name in ablation else None
+        out["ablation_kl"][name] = ablation.get(name)
     var = analysis["measures"].get("var")
     for name in mods:  # answer-position measures: one value per layer, the same whichever tokens are skipped
         out["logit_lens"][name] = lens
@@ -276,7 +281,7 @@ def predicted_damage(analysis: dict, plan: Plan) -> dict[str, float | None]:
     modalities; for a layer that vision tokens skip, the vision value (times the share pruned, for pruning). VAR
     counts the layers where text loses the vision keys (skipped, vision absent or pruned); for frozen vision layers
     text still reads them, so VAR adds nothing."""
-    values, mods = layer_values(analysis), _modalities(analysis)
+    values, mods = layer_values(analysis), modalities(analysis)
     weight = {m: v["n_tokens"][0] for m, v in mods.items()}
     total = sum(weight.values())
     out: dict[str, float | None] = {}

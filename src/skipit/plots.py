@@ -93,7 +93,7 @@ def tail_delta(result: dict, near: float = 0.01) -> float:
 def measure_figures(result: dict, delta: float = 0.01) -> dict:
     """{name: figure} for every measure present in `result` (analysis.json content), in a fixed order:
     geometric, proximal (at the measured delta closest to `delta`), informational, cka, ablation_kl, lipschitz,
-    logit_lens, var. The caller closes the figures (`matplotlib.pyplot.close`)."""
+    logit_lens (VAR: `var_figure`). The caller closes the figures (`matplotlib.pyplot.close`)."""
     delta = tail_delta(result, delta)
     functional = result["measures"]["functional"]
     ablation = functional.get("ablation") or {}
@@ -126,17 +126,22 @@ def measure_figures(result: dict, delta: float = 0.01) -> dict:
     fig, ax = _figure("Logit lens at the answer: KL(P(X_j+1) || P(X_j))", "KL (nats)", log=True)
     figures["logit_lens"] = _done(fig, _line(ax, layers, functional["logit_lens"]["kl"], "answer position (text)",
                                              COLORS["text"]))  # fmt: skip
-    var = result["measures"].get("var")
-    if var is not None:
-        fig, ax = _figure("VAR: attention of text queries on vision keys", "share of attention")
-        drawn = _line(ax, layers, var["var"], "VAR", "tab:purple")
-        if drawn:
-            ax2 = ax.twinx()
-            ax2.plot(layers, _arr(var["var_normalised"]["mean"]), ls="--", color="tab:gray", label="normalised")
-            ax2.axhline(1.0, color="tab:gray", lw=0.5)
-            ax2.set_ylabel("VAR / vision share of keys (dashed)")
-        figures["var"] = _done(fig, drawn, loc="upper right")
     return {name: fig for name, fig in figures.items() if fig is not None}
+
+
+def var_figure(result: dict):
+    """VAR and VAR normalised by the vision share of the keys (twin axis), or None for a text-only model."""
+    var = result["measures"].get("var")
+    if var is None:
+        return None
+    fig, ax = _figure("VAR: attention of text queries on vision keys", "share of attention")
+    drawn = _line(ax, result["layers"], var["var"], "VAR", "tab:purple")
+    if drawn:
+        ax2 = ax.twinx()
+        ax2.plot(result["layers"], _arr(var["var_normalised"]["mean"]), ls="--", color="tab:gray", label="normalised")
+        ax2.axhline(1.0, color="tab:gray", lw=0.5)
+        ax2.set_ylabel("VAR / vision share of keys (dashed)")
+    return _done(fig, drawn, loc="upper right")
 
 
 def plot_analysis(result: dict, out_dir: str | Path) -> list[Path]:
@@ -145,6 +150,8 @@ def plot_analysis(result: dict, out_dir: str | Path) -> list[Path]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     figures = measure_figures(result)
+    if (var := var_figure(result)) is not None:
+        figures["var"] = var
     paths = []
     try:
         for name, fig in figures.items():

@@ -13,14 +13,13 @@ import html
 import io
 import json
 import math
-import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from skipit.errors import SkipitError
-from skipit.plots import _arr, _line, _pyplot, measure_figures
+from skipit.io import write_text
+from skipit.plots import _arr, _line, _pyplot, measure_figures, tail_delta
 
 REPORT = "report.html"
 PROXIMAL_DELTA = 0.05
@@ -304,18 +303,14 @@ def _measures_section(run: Run, charts: _Charts) -> str:
         parts.append(f'<p class="legend">Shaded: {swatches}</p>')
     else:
         parts.append(_note("The plan changes no layer: nothing is shaded."))
-    mcfg = a.get("settings", {}).get("measure_config", {})
-    deltas = mcfg.get("tail_deltas") or [PROXIMAL_DELTA]
-    delta = min(deltas, key=lambda d: abs(d - PROXIMAL_DELTA))
-    if abs(delta - PROXIMAL_DELTA) > 1e-12:
-        parts.append(_note(f"The analysis has no tail at delta {PROXIMAL_DELTA}; the proximal chart uses {delta:g}."))
     try:
+        delta = tail_delta(a, PROXIMAL_DELTA)
+        if abs(delta - PROXIMAL_DELTA) > 1e-12:
+            parts.append(_note(f"The analysis has no tail at delta {PROXIMAL_DELTA}; the proximal chart uses "
+                               f"{delta:g}."))  # fmt: skip
         figures = measure_figures(a, PROXIMAL_DELTA)
     except (KeyError, TypeError, ValueError) as e:
         return "".join(parts) + _note(f"analysis.json lacks what the per-layer charts need ({e!r}).")
-    plt = _pyplot()
-    for name in [n for n in figures if n not in MEASURES]:
-        plt.close(figures.pop(name))
     for name in MEASURES:
         if name in figures:
             fig = figures[name]
@@ -656,22 +651,9 @@ from {_e(run.dir.name)}/; self-contained: no file or network access needed to re
 """
 
 
-def _write_text(path: Path, text: str) -> Path:
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp makes owner-only files; a report is meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def save_report(run: Run) -> Path:
     """Write RUN_DIR/report.html for a loaded run (atomically: a temp file renamed) and return its path."""
-    return _write_text(run.dir / REPORT, render(run))
+    return write_text(run.dir / REPORT, render(run))
 
 
 def write_report(run_dir: str | Path) -> Path:

@@ -38,6 +38,7 @@ from torch import nn
 from transformers import DynamicCache
 
 from skipit.adapters import Adapter, get_adapter
+from skipit.capture import answer_index
 from skipit.errors import SkipitError
 from skipit.plan import ABSENT, ALL, FROZEN, PRUNED, SKIP, Plan
 
@@ -265,7 +266,7 @@ class _Step:
         real token attends to most in `layer`, whose input is `hidden` (the whole sequence)."""
         if self.vision is None or self.kept is not None:
             return
-        last = self.valid.shape[1] - 1 - self.valid.flip(1).long().argmax(1)
+        last = answer_index(self.valid)
         weights = self.runtime.adapter.last_query_attention(layer, hidden, position_embeddings, self.valid, last)
         weights = weights.masked_fill(~self.vision, -1.0)
         counts = torch.ceil(self.vision.sum(1) * self.runtime.plan.prune_vision_keep).long()

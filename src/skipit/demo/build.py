@@ -60,6 +60,13 @@ def cache_dir() -> Path:
     return Path(root)
 
 
+def shapes_split(split: str) -> Path:
+    """The standard `shapes` split in the cache (its data.jsonl), generated on first use."""
+    from skipit.data.shapes import ensure_split
+
+    return ensure_split(cache_dir() / "shapes", split)
+
+
 def default_model_path() -> Path:
     return cache_dir() / f"mini-llava-v{VERSION}"
 

@@ -14,10 +14,9 @@ from rich.console import Console
 
 from skipit import models
 from skipit.data.jsonl import load_records
-from skipit.data.shapes import ensure_split
-from skipit.demo.build import cache_dir, ensure_built
+from skipit.demo.build import ensure_built, shapes_split
 from skipit.errors import SkipitError
-from skipit.plan import Plan
+from skipit.plan import fingerprint
 from skipit.progress import progress
 
 
@@ -31,16 +30,12 @@ class DemoConfig:
     repeats: int = 2  # speed measurement rounds per plan
 
 
-def shapes_split(split: str) -> Path:
-    return ensure_split(cache_dir() / "shapes", split)
-
-
 def run(run_dir: str | Path, config: DemoConfig | None = None, model_path: str | Path | None = None,
         console: Console | None = None) -> dict:  # fmt: skip
     """Run (or resume) the demo in `run_dir`; returns the headline numbers."""
     from skipit.analysis import Analysis, analyze
     from skipit.evaluation import sweep
-    from skipit.planner import make_plan
+    from skipit.planner import ablation_kl, make_plan
     from skipit.report import write_report
 
     config = config or DemoConfig()
@@ -48,25 +43,26 @@ def run(run_dir: str | Path, config: DemoConfig | None = None, model_path: str |
     run_dir = Path(run_dir)
     with console.status("building mini-llava and the shapes splits (first run only)"):
         path = model_path or ensure_built()
-        calib = load_records(shapes_split("calibration"), limit=config.n_calib)
+        calib_path = shapes_split("calibration")
+        calib = load_records(calib_path, limit=config.n_calib)
         test = load_records(shapes_split("test"), limit=config.n_test)
     model, processor = models.load(path)
 
     # 1. analyze
     if (run_dir / "analysis.json").is_file():
         analysis = Analysis.load(run_dir).result
-        if analysis["model"]["fingerprint"] != Plan.for_model(model).fingerprint:
+        if analysis["model"]["fingerprint"] != fingerprint(model):
             raise SkipitError(f"{run_dir} holds a run of another model: choose another --out")
     else:
         with progress("ex") as bar:
             task = bar.add_task("1/4 analyze (calibration)", total=len(calib))
             analysis = analyze(model, processor, calib, batch_size=8, ablation=config.ablation, run_dir=run_dir,
                                model_path=str(path),
-                               data_path=str(shapes_split("calibration")),
+                               data_path=str(calib_path),
                                on_batch=lambda n: bar.advance(task, n)).result  # fmt: skip
     # 2. plan
     # the conditions' bands, plus vision tokens frozen where the functional (or, without it, geometric) test allows
-    functional = bool((analysis["measures"].get("functional") or {}).get("ablation"))
+    functional = "vision" in ablation_kl(analysis)
     plan = make_plan(analysis, functional=True) if functional else make_plan(analysis, freeze_vision=True)
     if plan.is_empty:  # nothing meets the default conditions: take the cheapest 20 % instead, and say so
         console.print("no layer meets the default conditions; planning the cheapest 20 % of FLOPs instead")
@@ -85,7 +81,7 @@ def run(run_dir: str | Path, config: DemoConfig | None = None, model_path: str |
     with progress("plan") as bar:
         task = bar.add_task("3/4 sweep: plans scored and timed", total=len(plans))
         summary = sweep.run(model, processor, test, run_dir, plans, analysis=analysis, batch_size=config.batch_size,
-                            repeats=config.repeats, on_plan=lambda name: bar.advance(task))  # fmt: skip
+                            repeats=config.repeats, on_plan=lambda name: bar.advance(task), encoded=encoded)
 
     # 4. report
     with console.status("4/4 writing the report"):

@@ -22,7 +22,7 @@ from skipit.errors import SkipitError
 from skipit.evaluation import speed, vqa
 from skipit.io import write_json
 from skipit.plan import Plan
-from skipit.planner import MEASURES, is_safe, make_plan, predicted_damage
+from skipit.planner import MEASURES, ablation_kl, is_safe, make_plan, predicted_damage
 from skipit.skipping import apply_plan, remove_plan
 
 FORMAT, VERSION = "skipit-sweep", 1
@@ -52,7 +52,7 @@ def compared_plans(model, processor, calib, analysis: dict, encoded: dict, budge
     A method that cannot reach a budget (say, VTW past what removing every vision token saves) is left out there."""
     out = {"skipit": ("skipit", make_plan(analysis)),
            "skipit+freeze": ("skipit", make_plan(analysis, freeze_vision=True))}
-    if (analysis["measures"].get("functional") or {}).get("ablation"):  # analyze --ablation
+    if ablation_kl(analysis).get("vision"):  # analyze --ablation
         out["skipit+functional"] = ("skipit", make_plan(analysis, functional=True))
     if "fastv" in methods:  # FastV's own setting, K = 2 and R = 50 %, whatever it saves
         out["fastv"] = ("baseline", Plan.for_model(model, prune_vision_after=baselines.FASTV_LAYER))
@@ -94,10 +94,7 @@ def measure_plan(model, processor, records, plan: Plan, encoded: dict, batch_siz
 
 def speed_batch(model, processor, records, n: int = 8) -> dict:
     """One batch of the benchmark's own prompts, vision features precomputed, for the speed measurements."""
-    rows = records[:n]
-    texts = [vqa.prompt_text(processor, r.question) for r in rows]
-    inputs = vqa.batch_inputs(model, processor, [r.load_image() for r in rows], texts)
-    return speed.encode_images(model, inputs)[0]
+    return speed.encode_images(model, vqa.record_inputs(model, processor, records[:n]))[0]
 
 
 def run(
@@ -111,14 +108,16 @@ def run(
     repeats: int = 3,
     lost_points: float = 2.0,
     on_plan: Callable[[str], None] | None = None,
+    encoded: dict | None = None,
 ) -> dict:
-    """Measure every plan (resuming from RUN_DIR/plans/), then correlate; writes RUN_DIR/sweep.json."""
+    """Measure every plan (resuming from RUN_DIR/plans/), then correlate; writes RUN_DIR/sweep.json. `encoded`: the
+    speed batch (`speed_batch` of the same records), when the caller has it already."""
     if not records:
         raise SkipitError("the sweep has no records to score")
     run_dir = Path(run_dir)
     if "empty" not in plans:
         raise SkipitError("a sweep needs the empty plan as its reference")
-    encoded = speed_batch(model, processor, records)
+    encoded = speed_batch(model, processor, records) if encoded is None else encoded
     done = {}
     for name, (family, plan) in plans.items():
         path = run_dir / "plans" / f"{name}.json"
@@ -145,10 +144,6 @@ def summarise(done: dict[str, dict], analysis: dict | None, run_dir: Path, lost_
     for row in done.values():
         row = {k: v for k, v in row.items() if k != "predictions"}  # they stay in RUN_DIR/plans/
         row["accuracy_drop"] = 100 * (reference - row["accuracy"])
-        if analysis is not None:
-            plan = Plan.from_dict(row["plan"])
-            row["predicted"] = predicted_damage(analysis, plan)
-            row["safe"] = is_safe(analysis, plan)
         rows.append(row)
     result = {
         "format": FORMAT, "version": VERSION,
@@ -165,16 +160,27 @@ def summarise(done: dict[str, dict], analysis: dict | None, run_dir: Path, lost_
         for r in rows if r["family"] in ("skipit", "baseline")
     ]  # fmt: skip
     if analysis is not None:
-        scored = [r for r in rows if r["family"] in GRID]
-        result["correlation"] = correlations(scored)
-        families = sorted({r["family"] for r in scored})
-        result["correlation_by_family"] = {f: correlations([r for r in scored if r["family"] == f]) for f in families}
-        # every plan counts here, skipit's own and the baselines' too: the falsification test is about the conditions
-        result["safe_but_lost"] = [r["name"] for r in rows
-                                   if r["family"] != "empty" and r["safe"] and r["accuracy_drop"] > lost_points]
-        result["lost_points"] = lost_points
+        result |= judge(rows, analysis, lost_points)
     write_json(run_dir / "sweep.json", result)
     return result
+
+
+def judge(rows: list[dict], analysis: dict, lost_points: float) -> dict:
+    """Add each row's predicted damage and safety under `analysis`; return the correlations and the falsification
+    list (every plan called safe that lost more than `lost_points`)."""
+    for row in rows:
+        plan = Plan.from_dict(row["plan"])
+        row["predicted"], row["safe"] = predicted_damage(analysis, plan), is_safe(analysis, plan)
+    scored = [r for r in rows if r["family"] in GRID]
+    families = sorted({r["family"] for r in scored})
+    return {
+        "correlation": correlations(scored),
+        "correlation_by_family": {f: correlations([r for r in scored if r["family"] == f]) for f in families},
+        # every plan counts here, skipit's own and the baselines' too: the falsification test is about the conditions
+        "safe_but_lost": [r["name"] for r in rows
+                          if r["family"] != "empty" and r["safe"] and r["accuracy_drop"] > lost_points],
+        "lost_points": lost_points,
+    }  # fmt: skip
 
 
 def spearman(x: list[float], y: list[float]) -> float:

@@ -64,6 +64,12 @@ def batch_inputs(model, processor, images: Sequence[Image.Image], texts: Sequenc
     return dict(inputs.to(model.device))
 
 
+def record_inputs(model, processor, records: Sequence) -> dict:
+    """`batch_inputs` for records: their images, and their questions in skipit's VQA prompt."""
+    return batch_inputs(model, processor, [r.load_image() for r in records],
+                        [prompt_text(processor, r.question) for r in records])  # fmt: skip
+
+
 @torch.inference_mode()
 def generate_texts(model, processor, images: Sequence[Image.Image], texts: Sequence[str], max_new_tokens: int):
     """Greedy continuations of one batch of chat-formatted prompts (one image each), stripped."""

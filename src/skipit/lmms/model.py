@@ -50,8 +50,8 @@ class SkipitLMM(lmms):
             from skipit.demo.build import ensure_built
 
             pretrained = ensure_built()
-        torch_dtype = getattr(torch, str(dtype), None)
-        if not isinstance(torch_dtype, torch.dtype):
+        torch_dtype = models.torch_dtype(dtype)
+        if torch_dtype is None:
             raise SkipitError(f"dtype must name a torch dtype such as float32 or bfloat16, got {dtype!r}")
         try:
             self.batch_size = int(batch_size or 1)
@@ -60,8 +60,7 @@ class SkipitLMM(lmms):
         self.pretrained = str(pretrained)
         self.max_new_tokens = int(max_new_tokens)
         self._device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.model, self.processor = models.load(self.pretrained, dtype=torch_dtype)
-        self.model.to(self._device)
+        self.model, self.processor = models.load(self.pretrained, dtype=torch_dtype, device=str(self._device))
         self.plan = Plan.load(plan) if plan else None
         if self.plan is not None:
             apply_plan(self.model, self.plan)

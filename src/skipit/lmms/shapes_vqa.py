@@ -19,18 +19,13 @@ from skipit.data.shapes import QUESTION_TYPES
 from skipit.evaluation.vqa import ANSWER_INSTRUCTION, exact_match
 
 
-def shapes_test_file() -> Path:
-    from skipit.data.shapes import ensure_split
-    from skipit.demo.build import cache_dir
-
-    return ensure_split(cache_dir() / "shapes", "test")
-
-
 class ShapesVQATask(ConfigurableTask):
     def __init__(self, config: dict | None = None, model_name: str | None = None) -> None:
+        from skipit.demo.build import shapes_split  # torch and transformers: only when the task is built
+
         config = {k: v for k, v in (config or {}).items() if k != "class"}
         kwargs = dict(config.get("dataset_kwargs") or {})
-        files = kwargs.get("data_files") or {"test": str(shapes_test_file())}
+        files = kwargs.get("data_files") or {"test": str(shapes_split("test"))}
         if isinstance(files, str):
             files = {config.get("test_split") or "test": files}
         kwargs["data_files"] = files
