@@ -103,7 +103,7 @@ def layer_cost_per_token(model, batch: int, lengths: list[int], repeats: int = 2
     for _ in range(repeats):
         for n, (x, pe) in setups.items():
             start = time.perf_counter()
-            layer(x, attention_mask=None, position_embeddings=pe, position_ids=None, past_key_values=None)
+            layer(x, attention_mask=None, position_embeddings=pe, position_ids=None)
             times[n].append((time.perf_counter() - start) / (batch * n))
     return {n: statistics.median(t) for n, t in times.items()}
 

@@ -30,6 +30,7 @@ from transformers import (
     Qwen2VLForConditionalGeneration,
 )
 
+from skipit import compat
 from skipit.adapters import get_adapter
 from skipit.errors import SkipitError
 from skipit.plan import Plan
@@ -194,7 +195,7 @@ def run_layer(layer, x, pe, rows):
         mask = torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min)
     out = layer(
         x[rows][None], attention_mask=mask, position_embeddings=tuple(t[rows][None] for t in pe),
-        position_ids=None, past_key_values=None, use_cache=False,
+        position_ids=None, use_cache=False,
     )  # fmt: skip
     return out[0]
 
@@ -376,7 +377,7 @@ def test_early_exit_shortens_kv_cache(family):
     with torch.no_grad():
         apply_plan(model, Plan.for_model(model, early_exit=2, skip_layers=[4]))
         try:
-            cache = generate(model, inputs, steps=5).past_key_values
+            cache = compat.output_cache(generate(model, inputs, steps=5))
         finally:
             remove_plan(model)
     lengths = [layer.keys.shape[2] if layer.is_initialized else None for layer in cache.layers]
@@ -392,7 +393,7 @@ def test_pruning_shortens_kv_cache():
     with torch.no_grad():
         apply_plan(model, Plan.for_model(model, prune_vision_after=1, prune_vision_keep=0.5))
         try:
-            cache = generate(model, inputs, steps=5).past_key_values
+            cache = compat.output_cache(generate(model, inputs, steps=5))
         finally:
             remove_plan(model)
     lengths = [layer.keys.shape[2] for layer in cache.layers]
@@ -429,7 +430,7 @@ def test_errors_are_clear():
             model.model.language_model(inputs_embeds=torch.zeros(1, 3, 32))
         with torch.no_grad():
             out = model(**with_positions("llava", inputs), use_cache=True)
-            step = dict(input_ids=out.logits[:, -1:].argmax(-1), past_key_values=out.past_key_values)
+            step = {"input_ids": out.logits[:, -1:].argmax(-1), compat.CACHE_KWARG: compat.output_cache(out)}
             with pytest.raises(SkipitError, match="pass position_ids"):
                 model(**step)  # layer 0 cached no vision token: its length is not the sequence's
             with pytest.raises(SkipitError, match="attention mask of the whole sequence"):

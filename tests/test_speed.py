@@ -11,6 +11,7 @@ from PIL import Image
 from test_cli import assert_one_line_error, run
 from test_skipping import build, make_inputs
 
+from skipit import compat
 from skipit.evaluation import speed
 from skipit.plan import Plan
 
@@ -41,7 +42,7 @@ def test_measure_counts_the_kv_cache_each_plan_keeps():
 def test_cache_bytes_skips_layers_that_cached_nothing():
     model, inputs = build("llama"), make_inputs("llama", 1)
     with torch.no_grad():
-        cache = model(**inputs, use_cache=True).past_key_values
+        cache = compat.output_cache(model(**inputs, use_cache=True))
     assert speed.cache_bytes(cache) == 6 * 2 * inputs["input_ids"].numel() * 2 * 8 * 4
 
 

@@ -37,6 +37,7 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
+from skipit import compat
 from skipit.adapters import Adapter, get_adapter
 from skipit.capture import answer_index
 from skipit.errors import SkipitError
@@ -130,11 +131,12 @@ class SkipLayer(nn.Module):
         if self.role == SKIP:
             step = self.runtime.current
             return step.expand(hidden_states) if self.last and step is not None else hidden_states
-        cache = kwargs.get("past_key_values")
+        cache_name = compat.cache_kwarg(kwargs)  # passed on under the name the model used (renamed in 5.24)
+        cache = kwargs.get(cache_name)
         step = self.runtime.step(cache, hidden_states)
         if cache is None and self.role == FROZEN:  # a throwaway cache lets text tokens attend to the vision keys
             cache = step.scratch_cache
-        kwargs["past_key_values"] = cache
+        kwargs[cache_name] = cache
         kwargs["position_ids"] = None  # only flash attention reads them, and plans do not run with it
         adapter = self.runtime.adapter
         if self.prunes:
@@ -375,7 +377,7 @@ class _Runtime:
         mask = inputs.get("attention_mask")
         if mask is not None and not isinstance(mask, torch.Tensor):
             raise SkipitError("a skip plan needs a 2-D attention mask tensor (static caches are not supported)")
-        cache = inputs.get("past_key_values")
+        cache = compat.get_cache(inputs)
         state = self.states.get(cache) if cache is not None else None
         # transformers infers missing positions from layer 0's cache length, which a plan may have shortened
         if state is not None and inputs.get("position_ids") is None and cache.get_seq_length() != state.seen:

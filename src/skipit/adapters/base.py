@@ -16,6 +16,7 @@ import sys
 import torch
 from torch import nn
 
+from skipit import compat
 from skipit.errors import SkipitError
 
 # Attention classes whose keys and values skipit computes by itself (pre-attention norm, k/v projections, rotary on
@@ -114,7 +115,8 @@ class Adapter:
     def cache_keys_values(self, layer: nn.Module, hidden: torch.Tensor, kwargs: dict) -> None:
         """Write the keys/values of `hidden` (tokens that keep their states) to the layer's cache.
 
-        `kwargs` are the layer's: `past_key_values` (the cache) and `position_embeddings` of exactly these tokens.
+        `kwargs` are the layer's: the cache (under `compat.cache_kwarg`'s name) and `position_embeddings` of exactly
+        these tokens.
         """
         norm, attention = self.attention_parts(layer)
         x = norm(hidden)
@@ -126,7 +128,7 @@ class Adapter:
         values = attention.v_proj(x).view(shape).transpose(1, 2)
         rotary = sys.modules[type(attention).__module__].apply_rotary_pos_emb
         _, keys = rotary(keys[:, :0], keys, *kwargs["position_embeddings"])  # no queries needed
-        kwargs["past_key_values"].update(keys, values, attention.layer_idx)
+        compat.get_cache(kwargs).update(keys, values, attention.layer_idx)
 
     def last_query_attention(self, layer: nn.Module, hidden: torch.Tensor, position_embeddings, valid: torch.Tensor,
                              last: torch.Tensor) -> torch.Tensor:  # fmt: skip

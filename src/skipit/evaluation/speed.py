@@ -26,6 +26,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from transformers import LogitsProcessor, LogitsProcessorList
 
+from skipit import compat
 from skipit.adapters import get_adapter
 from skipit.errors import SkipitError
 from skipit.flops import Shape, cost
@@ -165,7 +166,7 @@ def measure(model, encoded: dict, plan: Plan | None = None, new_tokens: int = 16
         prefill_s=prefill,
         first_token_s=t[0] - start,
         decode_s=(t[-1] - t[0]) / (len(t) - 1),
-        kv_bytes=cache_bytes(out.past_key_values),
+        kv_bytes=cache_bytes(compat.output_cache(out)),
         peak_bytes=peak.peak,
     )
 
