@@ -48,3 +48,32 @@ def test_corrupt_image_names_file_and_record(tmp_path):
     (rec,) = load_records(tmp_path)
     with pytest.raises(SkipitError, match=r"record 'r1': cannot read image .*bad.png"):
         rec.load_image()
+
+
+def test_ids_are_unique_across_the_file(tmp_path):
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    rows = [{"id": i, "image": "a.png", "question": "q"} for i in ["a", "b", "c", "a"]]
+    write(tmp_path, rows)
+    with pytest.raises(SkipitError, match=r"data.jsonl:4: record id 'a' already used on line 1: ids must be unique"):
+        load_records(tmp_path)
+
+
+@pytest.mark.parametrize("image", [None, 3, ""])
+def test_image_must_be_a_path(tmp_path, image):
+    write(tmp_path, [{"id": "r", "image": image, "question": "q"}])
+    with pytest.raises(SkipitError, match=r'data.jsonl:1: "image" must be a path'):
+        load_records(tmp_path)
+
+
+def test_non_utf8_file(tmp_path):
+    (tmp_path / "data.jsonl").write_bytes('{"id": "é", "image": "a.png", "question": "q"}\n'.encode("latin-1"))
+    with pytest.raises(SkipitError, match="not UTF-8 text"):
+        load_records(tmp_path)
+
+
+def test_unreadable_image_says_why(tmp_path):
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    write(tmp_path, [{"id": "r1", "image": "bad.png", "question": "q"}])
+    (rec,) = load_records(tmp_path)
+    with pytest.raises(SkipitError, match=r"cannot identify image file"):
+        rec.load_image()

@@ -30,10 +30,12 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
+from pydantic import BaseModel, ConfigDict, ValidationError
 from torch import nn
 
 from skipit.errors import SkipitError
@@ -79,16 +81,19 @@ class Plan:
     evidence: dict = field(default_factory=dict)  # free-form: the measures and predicted saving behind the plan
 
     def __post_init__(self):
-        self.skip_layers = tuple(sorted(set(int(j) for j in self.skip_layers)))
-        self.frozen_vision_layers = tuple(sorted(set(int(j) for j in self.frozen_vision_layers)))
+        for name in ("skip_layers", "frozen_vision_layers"):
+            value = getattr(self, name)
+            if isinstance(value, str | bytes) or not all(_is_int(j) for j in value):
+                raise SkipitError(f"{name} must be a list of layer indices (integers), got {value!r}")
+            setattr(self, name, tuple(sorted(set(value))))
         L, k, m = self.num_layers, self.late_entry, self.early_exit
-        if not isinstance(L, int) or L < 1:
+        if not _is_int(L) or L < 1:
             raise SkipitError(f"plan num_layers must be a positive integer, got {L!r}")
         if self.late_entry_mode not in MODES:
             raise SkipitError(f"late_entry_mode must be one of {', '.join(MODES)}, got {self.late_entry_mode!r}")
-        if not isinstance(k, int) or not 0 <= k <= L - 1:
+        if not _is_int(k) or not 0 <= k <= L - 1:
             raise SkipitError(f"late_entry must be a layer index in 0..{L - 1} (0 = no late entry), got {k!r}")
-        if m is not None and (not isinstance(m, int) or not 0 <= m <= L - 1):
+        if m is not None and (not _is_int(m) or not 0 <= m <= L - 1):
             raise SkipitError(f"early_exit must be a layer index in 0..{L - 1} or null, got {m!r}")
         if m is not None and k > m:
             raise SkipitError(
@@ -105,10 +110,10 @@ class Plan:
                 "and are not skipped"
             )
         p, f = self.prune_vision_after, self.prune_vision_keep
-        if not isinstance(f, (int, float)) or not 0 < f < 1:
+        if isinstance(f, bool) or not isinstance(f, int | float) or not 0 < f < 1:
             raise SkipitError(f"prune_vision_keep must be a fraction strictly between 0 and 1, got {f!r}")
         if p is not None:
-            if not isinstance(p, int) or not k <= p <= last or p in self.skip_layers or p in self.frozen_vision_layers:
+            if not _is_int(p) or not k <= p <= last or p in self.skip_layers or p in self.frozen_vision_layers:
                 raise SkipitError(
                     f"prune_vision_after must be a layer that updates vision tokens ({k}..{last}, not skipped or "
                     f"frozen): its attention ranks them; got {p!r}"
@@ -175,18 +180,29 @@ class Plan:
         }  # fmt: skip
 
     @classmethod
-    def from_dict(cls, data: dict) -> Plan:
-        data = dict(data)
-        if data.pop("format", None) != FORMAT:
-            raise SkipitError(f'not a skipit plan (expected "format": "{FORMAT}")')
-        if (version := data.pop("version", None)) != VERSION:
-            raise SkipitError(f"plan format version {version!r} is not supported (this skipit reads {VERSION})")
-        names = {f.name for f in fields(cls)}
-        if unknown := sorted(set(data) - names):
-            raise SkipitError(f"unknown plan fields {unknown}: the file was not written by this skipit")
-        if missing := sorted({"architecture", "num_layers", "fingerprint"} - set(data)):
-            raise SkipitError(f"plan is missing {missing}")
-        return cls(**data)
+    def from_dict(cls, data: dict, source: str = "plan") -> Plan:
+        """A plan from its JSON object, checked field by field against `PlanFile` (types exactly, no coercion),
+        then for the relations between fields; errors name `source` and the field."""
+        if data.get("format") != FORMAT:
+            raise SkipitError(f'{source} is not a skipit plan (expected "format": "{FORMAT}")')
+        if (version := data.get("version")) != VERSION:
+            raise SkipitError(
+                f"{source}: plan format version {version!r} is not supported (this skipit reads {VERSION})"
+            )
+        try:
+            checked = PlanFile.model_validate(data)
+        except ValidationError as e:
+            errors = e.errors()
+            if unknown := sorted(str(err["loc"][0]) for err in errors if err["type"] == "extra_forbidden"):
+                raise SkipitError(
+                    f"{source}: unknown plan fields {unknown}: the file was not written by this skipit"
+                ) from None
+            if missing := sorted(str(err["loc"][0]) for err in errors if err["type"] == "missing"):
+                raise SkipitError(f"{source}: plan is missing {missing}") from None
+            error = errors[0]
+            where = ".".join(str(part) for part in error["loc"])
+            raise SkipitError(f"{source}: field {where!r}: {error['msg'].lower()}, got {error['input']!r}") from None
+        return cls(**checked.model_dump(exclude={"format", "version"}))
 
     def save(self, path: str | Path) -> Path:
         from skipit.io import write_json
@@ -195,12 +211,40 @@ class Plan:
 
     @classmethod
     def load(cls, path: str | Path) -> Plan:
+        path = Path(path)
+        if path.is_dir():
+            raise SkipitError(f"plan file {path} is a directory: give the plan's JSON file (e.g. {path}/plan.json)")
         try:
-            data = json.loads(Path(path).read_text())
+            data = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise SkipitError(f"plan file {path} does not exist") from None
+        except UnicodeDecodeError:
+            raise SkipitError(f"plan file {path} is not text (a binary file?): give a plan written by skipit") from None
         except json.JSONDecodeError as e:
             raise SkipitError(f"plan file {path} is not valid JSON ({e.msg} at line {e.lineno})") from None
         if not isinstance(data, dict):
             raise SkipitError(f"plan file {path} does not hold a JSON object")
-        return cls.from_dict(data)
+        return cls.from_dict(data, source=f"plan file {path}")
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+class PlanFile(BaseModel):
+    """The schema of a plan file: every field's JSON type, strictly (13.7, true or "13" is not a layer index)."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+    format: Literal["skipit-plan"]
+    version: Literal[1]
+    architecture: str
+    num_layers: int
+    fingerprint: str
+    late_entry: int = 0
+    late_entry_mode: Literal["absent", "frozen"] = "absent"
+    early_exit: int | None = None
+    skip_layers: list[int] = []
+    frozen_vision_layers: list[int] = []
+    prune_vision_after: int | None = None
+    prune_vision_keep: float = 0.5
+    evidence: dict = {}

@@ -33,8 +33,9 @@ class Record:
                 return im.convert("RGB")
         except FileNotFoundError:
             raise SkipitError(f"record {self.id!r}: image file {self.image} does not exist") from None
-        except Exception as e:  # PIL raises several types for corrupt files
-            raise SkipitError(f"record {self.id!r}: cannot read image {self.image} ({type(e).__name__})") from None
+        except Exception as e:  # PIL raises several types for corrupt files; its message says which problem
+            reason = str(e).split("\n")[0] or type(e).__name__
+            raise SkipitError(f"record {self.id!r}: cannot read image {self.image} ({reason})") from None
 
 
 def resolve(path: str | Path) -> Path:
@@ -59,37 +60,47 @@ def load_records(path: str | Path, limit: int | None = None, check_images: bool 
     """Parse and validate a JSONL data file; errors name the line (and record) to fix."""
     p = resolve(path)
     records: list[Record] = []
-    with p.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise SkipitError(f"{p}:{lineno}: not valid JSON ({e.msg})") from None
-            if not isinstance(obj, dict):
-                raise SkipitError(f"{p}:{lineno}: each line must be a JSON object")
-            missing = [k for k in REQUIRED if k not in obj]
-            if missing:
-                raise SkipitError(f"{p}:{lineno}: record lacks {', '.join(missing)}")
-            answers = _answers(obj.get("answers"), f"{p}:{lineno}")
-            answer = obj.get("answer")
-            if answer is None and answers:
-                answer = Counter(answers).most_common(1)[0][0]
-            rec = Record(
-                id=str(obj["id"]),
-                image=(p.parent / obj["image"]).resolve(),
-                question=str(obj["question"]),
-                answer=None if answer is None else str(answer),
-                answers=answers,
-                caption=obj.get("caption"),
-                extra={k: v for k, v in obj.items() if k not in (*REQUIRED, "answer", "answers", "caption")},
-            )
-            if check_images and not rec.image.is_file():
-                raise SkipitError(f"{p}:{lineno}: record {rec.id!r}: image file {rec.image} does not exist")
-            records.append(rec)
-            if limit is not None and len(records) >= limit:
-                break
+    first_line: dict[str, int] = {}  # id -> line: ids key the analysis's sampling and every saved result
+    try:
+        lines = p.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise SkipitError(f"{p}: not UTF-8 text (byte {e.start}): save the JSONL file as UTF-8") from None
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise SkipitError(f"{p}:{lineno}: not valid JSON ({e.msg})") from None
+        if not isinstance(obj, dict):
+            raise SkipitError(f"{p}:{lineno}: each line must be a JSON object")
+        missing = [k for k in REQUIRED if k not in obj]
+        if missing:
+            raise SkipitError(f"{p}:{lineno}: record lacks {', '.join(missing)}")
+        if not isinstance(obj["image"], str) or not obj["image"]:
+            raise SkipitError(f'{p}:{lineno}: "image" must be a path (a non-empty string), got {obj["image"]!r}')
+        answers = _answers(obj.get("answers"), f"{p}:{lineno}")
+        answer = obj.get("answer")
+        if answer is None and answers:
+            answer = Counter(answers).most_common(1)[0][0]
+        rec = Record(
+            id=str(obj["id"]),
+            image=(p.parent / obj["image"]).resolve(),
+            question=str(obj["question"]),
+            answer=None if answer is None else str(answer),
+            answers=answers,
+            caption=obj.get("caption"),
+            extra={k: v for k, v in obj.items() if k not in (*REQUIRED, "answer", "answers", "caption")},
+        )
+        if rec.id in first_line:
+            raise SkipitError(f"{p}:{lineno}: record id {rec.id!r} already used on line {first_line[rec.id]}: "
+                              "ids must be unique")
+        first_line[rec.id] = lineno
+        if check_images and not rec.image.is_file():
+            raise SkipitError(f"{p}:{lineno}: record {rec.id!r}: image file {rec.image} does not exist")
+        records.append(rec)
+        if limit is not None and len(records) >= limit:
+            break
     if not records:
         raise SkipitError(f"{p} holds no records")
     return records

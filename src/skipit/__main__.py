@@ -1,0 +1,5 @@
+"""`python -m skipit ...` is the `skipit` command."""
+
+from skipit.cli import main
+
+main()
