@@ -26,7 +26,9 @@ from skipit.adapters import get_adapter
 from skipit.errors import SkipitError
 from skipit.functional_stats import FunctionalStats
 from skipit.measures.functional import kl_from_logits, tv_from_logits
+from skipit.skipping import applied_plan
 from skipit.stats import AttentionStats, LayerStats, StatsConfig
+from skipit.tokens import answer_index
 
 MODALITIES = ("vision", "text")
 
@@ -77,12 +79,6 @@ def _skip_update(mask: torch.Tensor):
     return hook
 
 
-def answer_index(valid: torch.Tensor) -> torch.Tensor:
-    """Index [B] of each row's last real token (left or right padding)."""
-    t = valid.shape[1]
-    return t - 1 - valid.flip(1).long().argmax(1)
-
-
 class Calibrator:
     """Feeds batches through the model with hooks and streams every measure's statistics.
 
@@ -94,8 +90,6 @@ class Calibrator:
 
     def __init__(self, model: nn.Module, config: StatsConfig | None = None, ablation: bool = False,
                  attention: bool = True, logit_lens: bool = True):
-        from skipit.skipping import applied_plan
-
         if applied_plan(model) is not None:
             raise SkipitError("remove the skip plan (skipit.remove_plan) before measuring the model")
         self.model, self.adapter, self.attention, self.logit_lens = model, get_adapter(model), attention, logit_lens

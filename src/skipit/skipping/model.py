@@ -1,0 +1,139 @@
+"""The public API (`apply_plan`, `remove_plan`, `applied_plan`) and the per-model runtime it installs: hooks on the
+model's forward that record each call, and per-cache bookkeeping that outlives the call."""
+
+from __future__ import annotations
+
+import inspect
+import weakref
+
+import torch
+from torch import nn
+from transformers import DynamicCache
+
+from skipit import compat
+from skipit.adapters import Adapter, get_adapter
+from skipit.errors import SkipitError
+from skipit.plan import ALL, Plan
+from skipit.skipping.layer import SkipLayer
+from skipit.skipping.state import CacheState, ForwardCall, ForwardStep
+
+_ATTR = "_skipit_runtime"
+
+
+class PlanRuntime:
+    """Per-model state of an applied plan: the current forward call, and per-cache bookkeeping."""
+
+    def __init__(self, model: nn.Module, adapter: Adapter, plan: Plan):
+        self.adapter, self.plan = adapter, plan
+        self.passthrough = plan.is_empty
+        self.signature = inspect.signature(model.forward)
+        self.var_kwargs = next(
+            (p.name for p in self.signature.parameters.values() if p.kind is inspect.Parameter.VAR_KEYWORD), None
+        )
+        self.states = weakref.WeakKeyDictionary()  # cache object -> CacheState; dies with the cache
+        self.call: ForwardCall | None = None
+        self._step: ForwardStep | None = None
+        self.hooks = []
+
+    def before_forward(self, module, args, kwargs):
+        if self.passthrough:
+            return
+        inputs = kwargs  # generate() passes keywords only: binding them to the signature would change nothing
+        if args:
+            inputs = dict(self.signature.bind_partial(*args, **kwargs).arguments)
+            inputs.update(inputs.pop(self.var_kwargs, None) or {})
+        mask = inputs.get("attention_mask")
+        if mask is not None and not isinstance(mask, torch.Tensor):
+            raise SkipitError("a skip plan needs a 2-D attention mask tensor (static caches are not supported)")
+        cache = compat.get_cache(inputs)
+        state = self.states.get(cache) if cache is not None else None
+        # transformers infers missing positions from layer 0's cache length, which a plan may have shortened
+        if state is not None and inputs.get("position_ids") is None and cache.get_seq_length() != state.seen:
+            raise SkipitError(
+                "this plan keeps layer 0's cache shorter than the sequence, so positions cannot be inferred from it: "
+                "pass position_ids when continuing from a cache (generate() does)"
+            )
+        # vision tokens: the family's image/video placeholder ids, in a call that carries pixels
+        self.call = ForwardCall(self.adapter.vision_mask(inputs.get("input_ids"), inputs), mask)
+        self._step = None
+
+    def after_forward(self, module, args, output):
+        self.call, self._step = None, None
+
+    @property
+    def current(self) -> ForwardStep | None:
+        return self._step
+
+    def step(self, cache, hidden: torch.Tensor) -> ForwardStep:
+        """The current call's step, made by the first layer that processes tokens."""
+        if self._step is None:
+            if self.call is None:
+                raise SkipitError("a model with a skip plan must be called through its own forward or generate()")
+            self._step = ForwardStep(self.call, self.cache_state(cache), self.adapter, self.plan, hidden)
+        return self._step
+
+    def cache_state(self, cache) -> CacheState:
+        if cache is None:
+            return CacheState()
+        if cache not in self.states:
+            if not isinstance(cache, DynamicCache) or any(cache.is_sliding):
+                raise SkipitError(
+                    f"skip plans need a DynamicCache without sliding-window layers, got a {type(cache).__name__}"
+                )
+            self.states[cache] = CacheState()
+        return self.states[cache]
+
+
+def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
+    """Make `model` follow `plan` (replacing any plan applied before); returns the same model object.
+
+    The model keeps its class, `forward` and `generate()`. While a plan is applied the decoder layers sit inside
+    `SkipLayer` wrappers (state-dict keys gain `.base_layer`): save the plan with `plan.save()`, and call
+    `remove_plan` before `save_pretrained`.
+    """
+    if getattr(model, _ATTR, None) is not None:
+        remove_plan(model)
+    plan.check(model)
+    adapter = get_adapter(model)
+    if adapter.attn_implementation not in ("sdpa", "eager"):
+        raise SkipitError(
+            f"attention implementation {adapter.attn_implementation!r} is not supported by skip plans: "
+            "load the model with attn_implementation='sdpa'"
+        )
+    if any(DynamicCache(config=model.config).is_sliding):  # transformers' own reading of the config
+        raise SkipitError(
+            f"{type(model).__name__} has sliding-window attention layers, which skip plans do not support "
+            "(their cache drops old keys)"
+        )
+    runtime = PlanRuntime(model, adapter, plan)
+    layers = adapter.layers
+    for j, role in enumerate(plan.roles()):
+        layers[j] = SkipLayer(layers[j], role, runtime, last=j == len(layers) - 1,
+                              prunes=j == plan.prune_vision_after and role == ALL)
+    runtime.hooks = [
+        model.register_forward_pre_hook(runtime.before_forward, with_kwargs=True),
+        model.register_forward_hook(runtime.after_forward, always_call=True),
+    ]
+    setattr(model, _ATTR, runtime)
+    return model
+
+
+def remove_plan(model: nn.Module) -> nn.Module:
+    """Undo `apply_plan`: the original layer modules are back in place and no hook remains."""
+    runtime = getattr(model, _ATTR, None)
+    if runtime is None:
+        return model
+    layers = runtime.adapter.layers
+    for j, layer in enumerate(layers):
+        if isinstance(layer, SkipLayer):
+            layers[j] = layer.base_layer
+    for hook in runtime.hooks:
+        hook.remove()
+    delattr(model, _ATTR)
+    return model
+
+
+def applied_plan(model: nn.Module) -> Plan | None:
+    """The plan `model` follows, or None."""
+    runtime = getattr(model, _ATTR, None)
+    return runtime.plan if runtime is not None else None

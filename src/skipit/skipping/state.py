@@ -1,0 +1,234 @@
+"""Per-forward state of an applied plan: which tokens each layer processes, the key slots each group of layers has
+cached, and the attention masks built from them. One `ForwardStep` is shared by all decoder layers of a forward call.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import DynamicCache
+
+from skipit.adapters import Adapter
+from skipit.errors import SkipitError
+from skipit.plan import ABSENT, ALL, FROZEN, PRUNED, Plan
+from skipit.tokens import answer_index
+
+
+def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """The tokens of `x` (batch, seq, dim) at `index` (batch, n)."""
+    return x.gather(1, index[..., None].expand(-1, -1, x.shape[-1]))
+
+
+def scatter_tokens(x: torch.Tensor, index: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """`x` with the tokens at `index` (batch, n) replaced by `values` (batch, n, dim)."""
+    return x.scatter(1, index[..., None].expand(-1, -1, x.shape[-1]), values)
+
+
+class ForwardCall:
+    """What the model's forward was called with that the layers need: vision positions and the 2-D attention mask."""
+
+    def __init__(self, vision: torch.Tensor | None, attention_mask: torch.Tensor | None):
+        self.vision, self.attention_mask = vision, attention_mask
+
+
+class CachedKeys:
+    """What one group of layers (same role, so same cached tokens) holds in its caches, one entry per key slot.
+
+    A layer caches only the tokens it processes, so its keys are not the sequence: causality and padding are read
+    from each slot's original sequence index and validity, kept here across forward calls.
+    """
+
+    def __init__(self):
+        self.index = self.valid = None  # (batch, keys): original sequence index, and whether a real token
+        self.dense = True  # no invalid slot so far
+
+    def add(self, index: torch.Tensor, valid: torch.Tensor, dense: bool) -> int:
+        """Append slots; returns how many were there before."""
+        before = 0 if self.index is None else self.index.shape[1]
+        self.index = index if self.index is None else torch.cat([self.index, index], 1)
+        self.valid = valid if self.valid is None else torch.cat([self.valid, valid], 1)
+        self.dense = self.dense and dense
+        return before
+
+
+class CacheState:
+    """Bookkeeping for one cache object across the forward calls that extend it."""
+
+    def __init__(self):
+        self.seen = 0  # tokens of the sequence processed so far
+        self.keys: dict[str, CachedKeys] = {}  # per role
+
+
+class LayerRun:
+    """One run of a layer (or of its attention only) on a subset of the current tokens."""
+
+    def __init__(self, take, keep, mask, size, attention_only=False):
+        self.take = take  # (batch, n) token indices in the current call, or None: all tokens in order
+        self.keep = keep  # (batch, n) False at padding slots of ragged rows, or None: no padding slot
+        self.mask = mask
+        self.size = size
+        self.attention_only = attention_only
+        self._pe = None
+
+    def positions(self, position_embeddings, adapter: Adapter):
+        """The rotary (cos, sin) of exactly this run's tokens, so each keeps its original position (M-RoPE too)."""
+        if self.take is None:
+            return position_embeddings
+        if self._pe is None or self._pe[0] is not position_embeddings:  # same (cos, sin) object for all layers
+            self._pe = (position_embeddings, adapter.take_positions(position_embeddings, self.take))
+        return self._pe[1]
+
+
+class ForwardStep:
+    """Everything shared by the layers during one forward call: token kinds, slots and masks per role."""
+
+    def __init__(self, call: ForwardCall, state: CacheState, adapter: Adapter, plan: Plan, hidden: torch.Tensor):
+        B, T = hidden.shape[:2]
+        self.adapter, self.plan, self.dtype, self.device = adapter, plan, hidden.dtype, hidden.device
+        self.state = state
+        seen = state.seen
+        self.index = (torch.arange(T, device=self.device) + seen).expand(B, T)
+        mask = call.attention_mask
+        if mask is None:
+            self.valid, self.all_valid = torch.ones(B, T, dtype=torch.bool, device=self.device), True
+        elif mask.ndim != 2 or mask.shape[1] != seen + T:
+            raise SkipitError(
+                f"a skip plan needs the 2-D attention mask of the whole sequence ({seen + T} tokens), "
+                f"got shape {tuple(mask.shape)}"
+            )
+        else:
+            self.valid = mask[:, -T:].to(self.device, torch.bool)
+            self.all_valid = bool(self.valid.all())
+        vision = call.vision
+        self.vision = vision.to(self.device) if vision is not None and bool(vision.any()) else None
+        state.seen += T
+        self._runs, self._selections = {}, {}
+        self._scratch = None
+        self.kept = None  # (batch, seq) vision tokens kept by pruning, once the pruning layer has ranked them
+        # Layers that process the same subset in a row pass it on compacted: gathered once, scattered back once
+        # (at the first layer that needs other tokens, or at the last layer).
+        self._full = None  # the whole sequence as it was when the subset was taken (rows outside it stay current)
+        self._subset = None  # the `take` index of the subset being passed on, or None: the whole sequence is
+
+    def full(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The whole sequence, current outside the subset being passed on (enough to read vision tokens)."""
+        return hidden if self._subset is None else self._full
+
+    def expand(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The whole sequence: the subset being passed on, if any, scattered back."""
+        if self._subset is None:
+            return hidden
+        hidden = scatter_tokens(self._full, self._subset, hidden)
+        self._full = self._subset = None
+        return hidden
+
+    def subset(self, hidden: torch.Tensor, take: torch.Tensor) -> torch.Tensor:
+        """The tokens at `take`: `hidden` itself when it is that subset already (same index object)."""
+        if self._subset is take:
+            return hidden
+        self._full = self.expand(hidden)
+        return gather_tokens(self._full, take)
+
+    def compact(self, hidden: torch.Tensor, take: torch.Tensor) -> torch.Tensor:
+        """Pass `hidden`, the layer's output on the tokens at `take`, on to the next layer without scattering it."""
+        self._subset = take
+        return hidden
+
+    @property
+    def scratch_cache(self) -> DynamicCache:
+        """A throwaway cache for frozen layers called without one (text tokens still attend to the vision keys)."""
+        if self._scratch is None:
+            self._scratch = DynamicCache()
+        return self._scratch
+
+    def rank_vision(self, layer: nn.Module, hidden: torch.Tensor, position_embeddings) -> None:
+        """Keep, in each row, the share `prune_vision_keep` (rounded up) of its vision tokens that the row's last
+        real token attends to most in `layer`, whose input is `hidden` (the whole sequence)."""
+        if self.vision is None or self.kept is not None:
+            return
+        last = answer_index(self.valid)
+        # FastV-style: ranked once, in the call that carries the vision tokens, by weights computed beside the
+        # layer (`Adapter.last_query_attention`), so the layer itself keeps running under SDPA.
+        weights = self.adapter.last_query_attention(layer, hidden, position_embeddings, self.valid, last)
+        weights = weights.masked_fill(~self.vision, -1.0)
+        counts = torch.ceil(self.vision.sum(1) * self.plan.prune_vision_keep).long()
+        # rank of each token by weight (stable: ties keep sequence order); non-vision tokens rank last
+        rank = weights.argsort(dim=1, descending=True, stable=True).argsort(dim=1)
+        self.kept = self.vision & (rank < counts[:, None])
+
+    def runs(self, role: str) -> list[LayerRun]:
+        """The runs a layer of `role` makes in this call, in order; built once per role (group of layers)."""
+        if role not in self._runs:
+            self._runs[role] = self._make_runs(role)
+        return self._runs[role]
+
+    def _make_runs(self, role: str) -> list[LayerRun]:
+        keys = self.state.keys.setdefault(role, CachedKeys())
+        if role == ALL or self.vision is None:
+            return [self._layer_run(keys, None, ordered=True)]
+        if role == ABSENT:
+            return [self._layer_run(keys, "text", ordered=True)]
+        if role == PRUNED:  # later layers process the kept vision tokens as a subset, like text after an exit
+            return [self._layer_run(keys, "kept", ordered=True)]
+        assert role == FROZEN
+        # Late entry: the vision tokens' keys/values go to the cache first, their states frozen
+        # (`Adapter.cache_keys_values`: k and v projections only where the attention class allows it), then the
+        # whole layer runs on the text tokens, which attend to them.
+        vision = self._layer_run(keys, "vision", ordered=True, attention_only=True)
+        return [vision, self._layer_run(keys, "text", ordered=False)]
+
+    def _select(self, name: str):
+        """(take, keep, index, valid) of the text, the vision or the text and kept vision tokens; the same objects
+        for every role."""
+        if name not in self._selections:
+            select = self.vision if name == "vision" else ~self.vision
+            if name == "kept":
+                select = select | self.kept
+            counts = select.sum(1)
+            n = int(counts.max())
+            # Rows may select different numbers of tokens (e.g. of vision tokens): the subset is padded to the
+            # longest row, selected tokens first in sequence order, and the padding slots masked out (`keep`).
+            take = torch.sort((~select).to(torch.int8), dim=1, stable=True).indices[:, :n]
+            keep = select.gather(1, take)
+            keep = None if bool((counts == n).all()) else keep
+            index, valid = self.index.gather(1, take), self.valid.gather(1, take)
+            if keep is not None:
+                valid = valid & keep
+            self._selections[name] = take, keep, index, valid
+        return self._selections[name]
+
+    def _layer_run(self, keys: CachedKeys, select: str | None, ordered: bool,
+                   attention_only: bool = False) -> LayerRun:  # fmt: skip
+        """Slots for the tokens in `select` (None: all), appended to `keys`, with the mask their queries need."""
+        if select is None:
+            take, keep, index, valid = None, None, self.index, self.valid
+        else:
+            take, keep, index, valid = self._select(select)
+        size = index.shape[1]
+        dense = self.all_valid and keep is None
+        before = keys.add(index, valid, dense)
+        mask = None if attention_only else self._mask(keys, before, index, ordered)
+        return LayerRun(take, keep, mask, size, attention_only)
+
+    def _mask(self, keys: CachedKeys, before: int, q_index: torch.Tensor, ordered: bool):
+        """The attention mask of queries at original indices `q_index` on every key the group has cached.
+
+        Built here, once per group of layers that cache the same tokens, since transformers' mask assumes the
+        layer sees the whole sequence: causality compares original sequence indices, and invalid slots (left
+        padding, padding slots of ragged subsets) are masked out.
+        """
+        n = q_index.shape[1]
+        sdpa = self.adapter.attn_implementation == "sdpa"
+        # No mask where SDPA's own handling is exact: one query that may see every key, or a plain causal prefill.
+        if keys.dense and (n == 1 or (sdpa and ordered and before == 0)):
+            return None
+        allowed = keys.valid[:, None, :] & (keys.index[:, None, :] <= q_index[:, :, None])
+        # A query always sees its own key: keeps padding queries finite (a fully masked row gives NaN in SDPA).
+        q = torch.arange(n, device=self.device)
+        allowed[:, q, before + q] = True
+        allowed = allowed[:, None]
+        if sdpa:
+            return allowed
+        return torch.zeros(allowed.shape, dtype=self.dtype, device=self.device).masked_fill(
+            ~allowed, torch.finfo(self.dtype).min
+        )
