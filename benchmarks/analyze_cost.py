@@ -23,10 +23,11 @@ import statistics
 import subprocess
 import sys
 import time
+from unittest import mock
 
 import torch
 
-from skipit import models
+from skipit import capture, models
 from skipit.analysis import batch_inputs
 from skipit.capture import Calibrator
 from skipit.data.jsonl import load_records
@@ -110,12 +111,34 @@ def timing(model, processor, args) -> None:
 
 
 def ablation(model, processor, args) -> None:
+    """Calibration with the ablation KL, each ablation rerunning layers j..L-1 from the captured X_j (skipit's
+    path) and, side by side, one full forward per ablation (the path it replaced), against a plain forward;
+    medians over --reps alternating repetitions, and the largest difference between the two paths' results."""
     one = prepare(processor, calibration_records(args.ablation_examples), args.ablation_examples)
-    plain(model, one)
-    t_plain, _ = timed(plain, model, one)
-    t_abl, _ = timed(calibrate, model, one, True)
-    print(json.dumps({"examples": args.ablation_examples, "plain_s": t_plain, "calibration_with_ablation_s": t_abl,
-                      "ratio": t_abl / t_plain}), flush=True)
+    full_forwards = mock.patch.object(capture._LayerCalls, "replays", lambda self, hidden: False)
+    arms = {"plain": lambda: plain(model, one), "rerun": lambda: calibrate(model, one, True)}
+
+    def full():
+        with full_forwards:
+            return calibrate(model, one, True)
+
+    arms["full_forwards"] = full
+    plain(model, one)  # warm-up
+    times, results = {name: [] for name in arms}, {}
+    for rep in range(args.reps):
+        for name in list(arms)[rep % 3:] + list(arms)[:rep % 3]:
+            seconds, out = timed(arms[name])
+            times[name].append(seconds)
+            results[name] = out
+        print(f"rep {rep}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in times.items()), flush=True)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    a, b = (results[k].functional_stats.finalize()["ablation"] for k in ("rerun", "full_forwards"))
+    diff = max(abs(x - y) for m in a for x, y in zip(a[m]["kl"]["mean"], b[m]["kl"]["mean"], strict=True)
+               if x is not None and y is not None)
+    print(json.dumps({"examples": args.ablation_examples, "reps": args.reps, "median_s": med,
+                      "ratio_rerun": med["rerun"] / med["plain"],
+                      "ratio_full_forwards": med["full_forwards"] / med["plain"],
+                      "max_abs_kl_difference": diff}), flush=True)
 
 
 def main() -> None:

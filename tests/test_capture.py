@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from test_skipping import FAMILIES, IMAGE, VLMS, build, make_inputs
@@ -162,6 +163,60 @@ def test_ablation_kl_matches_a_model_without_that_update():
         finally:
             del layer.forward
     assert got == pytest.approx(float(kl_from_logits(full, ablated).mean()), rel=1e-6)
+
+
+def _ablation(model, inputs, n, monkeypatch=None, rerun=True):
+    """Every layer's and modality's ablation KL and TV (finalized means), counting decoder-layer calls."""
+    from skipit import capture
+
+    if not rerun:
+        monkeypatch.setattr(capture._LayerCalls, "replays", lambda self, hidden: False)
+    calls = []
+    handles = [layer.register_forward_pre_hook(lambda *a: calls.append(1)) for layer in get_adapter(model).layers]
+    try:
+        with Calibrator(model, CONFIG, ablation=True, attention=False, logit_lens=False) as cal:
+            cal.update(inputs, ids(n))
+    finally:
+        for h in handles:
+            h.remove()
+    out = cal.functional_stats.finalize()["ablation"]
+    return {m: (out[m]["kl"]["mean"], out[m]["tv"]["mean"]) for m in out}, len(calls)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_ablation_reruns_only_later_layers_and_equals_full_forwards(family, monkeypatch):
+    """The rerun from the captured X_j (about L/2 layers per ablation) gives what a full forward per ablation gives,
+    for every layer and modality, on every family."""
+    model, inputs = build(family), make_inputs(family, 3)
+    L = get_adapter(model).num_layers
+    fast, fast_calls = _ablation(model, inputs, 3)
+    slow, slow_calls = _ablation(model, inputs, 3, monkeypatch, rerun=False)
+    n_mod = 2 if family in VLMS else 1  # a text-only model has no vision tokens to ablate
+    assert slow_calls == L + n_mod * L * L  # the reference, then one full forward per layer and modality
+    assert fast_calls == L + n_mod * L * (L + 1) // 2  # layers j..L-1 per ablation of layer j
+    for m in slow:
+        for got, want in zip(fast[m], slow[m], strict=True):
+            np.testing.assert_allclose(np.array(got, float), np.array(want, float), rtol=1e-4, atol=1e-7)
+
+
+def test_ablation_falls_back_to_full_forwards_when_something_is_injected_between_layers():
+    """An injection between layers (like Qwen3-VL's deepstack) breaks "layer j's input is layer j-1's output": the
+    ablation must then rerun the whole model, injection included."""
+    model, inputs = build("llava"), make_inputs("llava", 2)
+    layers = get_adapter(model).layers
+
+    def inject(module, args, kwargs):  # added to layer 2's input, after layer 1's output was recorded
+        if args:
+            return (args[0] + 0.5, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": kwargs["hidden_states"] + 0.5}
+
+    bump = layers[2].register_forward_pre_hook(inject, with_kwargs=True)
+    try:
+        got, calls = _ablation(model, inputs, 2)
+    finally:
+        bump.remove()
+    assert calls == len(layers) * (1 + 2 * len(layers))  # every ablation was a full forward
+    assert all(np.isfinite(kl).all() for kl, _ in got.values())
 
 
 def test_non_finite_hidden_state_names_layer_and_example():

@@ -56,12 +56,18 @@ def torch_dtype(name: str):
     return dtype if isinstance(dtype, torch.dtype) else None
 
 
-def load(path: str | Path, dtype=None, device: str | None = None):
+def load(path: str | Path | None = None, dtype=None, device: str | None = None):
     """(model, processor) in eval mode, on `device` (default: `default_device()`); processor is a tokenizer for
-    text-only causal LMs. dtype: float32 on the CPU, bfloat16 on a GPU, unless given or set in $SKIPIT_DTYPE."""
+    text-only causal LMs. `path`: a folder saved with `save_pretrained` or a hub id; None loads the embedded
+    mini-llava (built on first use). dtype: float32 on the CPU, bfloat16 on a GPU, unless given or set in
+    $SKIPIT_DTYPE."""
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
 
+    if path is None:
+        from skipit.demo.build import ensure_built
+
+        path = ensure_built()
     path = str(path)
     config = _config(path)
     kind = getattr(config, "model_type", None)
