@@ -7,19 +7,19 @@ from pathlib import Path
 
 from skipit.errors import SkipitError
 
-# model_type -> family; the adapters (one per family) are the only code that knows more.
-VLM_FAMILIES = {
-    "llava": "LLaVA",
-    "llava_next": "LLaVA-NeXT",
-    "qwen2_vl": "Qwen2-VL",
-    "qwen2_5_vl": "Qwen2.5-VL",
-    "idefics3": "Idefics3 (SmolVLM)",
-}
-CAUSAL_LM_TYPES = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "smollm3"}
+# The families, and how each loads, are in one registry (`skipit.adapters.registry.FAMILIES`) that get_adapter reads
+# too; it is imported when needed, so that importing skipit stays free of torch.
 
 
 def supported_families() -> str:
-    return ", ".join([*VLM_FAMILIES.values(), "causal LMs (" + ", ".join(sorted(CAUSAL_LM_TYPES)) + ")"])
+    from skipit.adapters.registry import supported_families
+
+    return supported_families()
+
+
+def _looks_like_vlm(config) -> bool:
+    """An unlisted model type that the generic adapter may serve: a vision and a text config."""
+    return getattr(config, "vision_config", None) is not None and getattr(config, "text_config", None) is not None
 
 
 def _config(path: str):
@@ -77,14 +77,26 @@ def load(path: str | Path | None = None, dtype=None, device: str | None = None):
         if dtype is None:
             raise SkipitError(f"SKIPIT_DTYPE={name!r} is not a torch dtype (try float32, bfloat16, float16)")
     dtype = dtype or (torch.float32 if device == "cpu" else torch.bfloat16)
-    if kind in VLM_FAMILIES:
-        model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype)
-        processor = AutoProcessor.from_pretrained(path)
-    elif kind in CAUSAL_LM_TYPES:
+    from skipit.adapters.registry import CAUSAL_LM, family_for_type
+
+    family = family_for_type(kind)
+    if family is None and not _looks_like_vlm(config):
+        raise SkipitError(f"model type {kind!r} is not supported; supported families: {supported_families()}")
+    if family is not None and family.kind == CAUSAL_LM:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
         processor = AutoTokenizer.from_pretrained(path)
     else:
-        raise SkipitError(f"model type {kind!r} is not supported; supported families: {supported_families()}")
+        try:
+            model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype)
+        except ValueError as e:  # an unlisted type transformers has no image-text-to-text class for
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise SkipitError(f"model type {kind!r} is not supported ({first}); supported families: "
+                              f"{supported_families()}") from None
+        processor = AutoProcessor.from_pretrained(path)
+        if family is None:
+            from skipit.adapters import get_adapter
+
+            get_adapter(model)  # one line naming what the generic adapter looked for and did not find
     try:
         model.to(device)
     except (RuntimeError, AssertionError) as e:  # e.g. a CUDA device on a machine without one

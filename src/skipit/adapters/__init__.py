@@ -1,34 +1,35 @@
-"""Model-family adapters: the only code in skipit that knows where a family keeps its layers and vision tokens."""
+"""Model-family adapters: the only code in skipit that knows where a model keeps its layers and vision tokens.
+
+One registry (`registry.FAMILIES`) names the families; the generic `Adapter` reads everything else off the model.
+"""
 
 from __future__ import annotations
 
 from torch import nn
 
 from skipit.adapters.base import Adapter
-from skipit.adapters.causal_lm import CausalLMAdapter
-from skipit.adapters.idefics3 import Idefics3Adapter
-from skipit.adapters.llava import LlavaAdapter, LlavaNextAdapter
-from skipit.adapters.qwen2_vl import Qwen2_5_VLAdapter, Qwen2VLAdapter
+from skipit.adapters.registry import FAMILIES, Family, family_for_type, supported_classes, supported_families
 from skipit.errors import SkipitError
-
-ADAPTERS: dict[str, type[Adapter]] = {
-    "LlavaForConditionalGeneration": LlavaAdapter,
-    "LlavaNextForConditionalGeneration": LlavaNextAdapter,
-    "Qwen2VLForConditionalGeneration": Qwen2VLAdapter,
-    "Qwen2_5_VLForConditionalGeneration": Qwen2_5_VLAdapter,
-    "Idefics3ForConditionalGeneration": Idefics3Adapter,
-}
-CAUSAL_LMS = ("Llama", "Mistral", "Qwen2", "Qwen3", "Gemma", "Gemma2", "Phi3", "SmolLM3")
 
 
 def get_adapter(model: nn.Module) -> Adapter:
-    name = type(model).__name__
-    if name in ADAPTERS:
-        return ADAPTERS[name](model)
-    if name in {f"{base}ForCausalLM" for base in CAUSAL_LMS}:
-        return CausalLMAdapter(model)
-    supported = ", ".join([*ADAPTERS, *(f"{base}ForCausalLM" for base in CAUSAL_LMS)])
-    raise SkipitError(f"{name} is not supported; supported model classes: {supported}")
+    """The adapter of `model`'s family (its config's model_type), or the generic adapter for a model type the
+    registry does not list; one line naming what was looked for when the model's layout is not the common one."""
+    family = family_for_type(getattr(getattr(model, "config", None), "model_type", None))
+    try:
+        if family is None:
+            return Adapter(model)
+        return family.adapter(model, family.name)
+    except SkipitError as e:
+        raise SkipitError(f"{e}; supported model classes: {supported_classes()}") from None
 
 
-__all__ = ["Adapter", "get_adapter"]
+def family_refusal(adapter: Adapter) -> str | None:
+    """Why a non-empty skip plan cannot run exactly on the adapter's model, or None."""
+    family = family_for_type(getattr(adapter.model.config, "model_type", None))
+    if family is not None and family.refused:
+        return family.refused
+    return adapter.plan_refusal()
+
+
+__all__ = ["FAMILIES", "Adapter", "Family", "family_for_type", "family_refusal", "get_adapter", "supported_families"]

@@ -1,16 +1,28 @@
-"""What the skipping engine needs to know about a model family, and nothing more.
+"""What the skipping engine needs to know about a model family, and nothing more, read off the model itself.
 
-Every adapter answers the same questions about the *language backbone* of a model: where its decoder layers are,
-its final norm and LM head, and which token positions hold vision tokens. Positions need no per-family code: in
-transformers 5 each decoder layer receives `position_embeddings = (cos, sin)` already resolved per token, shaped
-`(batch or 1, seq, head_dim)`; that holds for Qwen2-VL's 3-D M-RoPE too, whose sections are recombined inside its
-rotary module (`models/qwen2_vl/modeling_qwen2_vl.py`, `Qwen2VLRotaryEmbedding.forward`). Slicing cos/sin along
-the token axis therefore keeps every token's original position, and `take_positions` is the one place to override
-for a family that lays them out differently.
+`Adapter` is the generic adapter: it serves every causal LM and every conditional-generation VLM whose text decoder
+has the common layout, and finds everything it needs on the model instead of in a per-family table:
+- the text decoder (the module owning `layers` and `norm`): the first of `BACKBONE_PATHS` under the model;
+- the LM head: `model.get_output_embeddings()`;
+- the vision tokens: the config's image/video placeholder ids (`image_token_id` / `image_token_index`,
+  `video_token_id` / `video_token_index`), counted only in a call that carries pixels, i.e. one of the forward
+  arguments whose name starts with `pixel_values`.
+A model that lacks one of them gets one line naming what was looked for and where.
+
+Positions need no per-family code: in transformers 5 each decoder layer receives `position_embeddings = (cos, sin)`
+already resolved per token, shaped `(batch or 1, seq, head_dim)`; that holds for Qwen2-VL's 3-D M-RoPE too, whose
+sections are recombined inside its rotary module (`models/qwen2_vl/modeling_qwen2_vl.py`,
+`Qwen2VLRotaryEmbedding.forward`). Slicing cos/sin along the token axis therefore keeps every token's original
+position, and `take_positions` is the one place to override for a family that lays them out differently.
+
+What the engine cannot reproduce is found here too (`plan_refusal`): layer kinds other than full attention
+(sliding windows, chunked or linear attention), bidirectional image masks (`token_type_ids`), rotary that is not a
+real (cos, sin) pair.
 """
 
 from __future__ import annotations
 
+import inspect
 import sys
 
 import torch
@@ -21,24 +33,88 @@ from skipit.errors import SkipitError
 
 # Attention classes whose keys and values skipit computes by itself (pre-attention norm, k/v projections, rotary on
 # the keys, as their forward does), so that frozen vision tokens cost the k and v projections only; any other class
-# runs its whole attention on them and the output is thrown away.
-KEYS_VALUES_ONLY = frozenset({"LlamaAttention", "Qwen2VLAttention", "Qwen2_5_VLAttention"})
+# runs its whole attention on them and the output is thrown away. Each was read against LlamaAttention's forward:
+# Qwen2 differs only by projection biases (in the Linear modules) and a sliding window (refused when set), Mistral
+# only by the sliding window.
+KEYS_VALUES_ONLY = frozenset(
+    {"LlamaAttention", "Qwen2VLAttention", "Qwen2_5_VLAttention", "Qwen2Attention", "MistralAttention"}
+)
+
+# Where the text decoder (the module owning `layers` and `norm`) sits, relative to the model, first match wins:
+# VLMs with a base model (LLaVA, Qwen-VL, InternVL, Mistral3, ...), Idefics3/SmolVLM, causal LMs, and VLMs that wrap a
+# whole causal LM (Llama 4).
+BACKBONE_PATHS = ("model.language_model", "model.text_model", "model", "language_model.model", "language_model")
+IMAGE_TOKEN_NAMES = ("image_token_id", "image_token_index")
+VIDEO_TOKEN_NAMES = ("video_token_id", "video_token_index")
+
+# Layer kinds (the text config's `layer_types`) the engine cannot run on a token subset, and why.
+LAYER_KINDS = {
+    "sliding_attention": "sliding-window attention layers (their cache drops old keys by count, and their masks "
+                         "count positions the plan removed)",
+    "chunked_attention": "chunked attention layers (their masks and cache work on fixed position chunks)",
+    "linear_attention": "hybrid linear-attention layers (a recurrent state over every token, not per-token keys)",
+}
+
+
+def _attribute(root, path: str):
+    for name in path.split("."):
+        root = getattr(root, name, None)
+        if root is None:
+            return None
+    return root
+
+
+def layer_types(config) -> list[str]:
+    """Each decoder layer's kind, as transformers reads it to build the cache: the config's `layer_types`, else
+    sliding/chunked when `sliding_window` / `attention_chunk_size` is set, else full attention."""
+    kinds = getattr(config, "layer_types", None)
+    if kinds is not None:
+        return list(kinds)
+    n = getattr(config, "num_hidden_layers", 0) or 0
+    if getattr(config, "sliding_window", None) is not None and getattr(config, "use_sliding_window", True):
+        return ["sliding_attention"] * n
+    if getattr(config, "attention_chunk_size", None) is not None:
+        return ["chunked_attention"] * n
+    return ["full_attention"] * n
 
 
 class Adapter:
-    family = "causal LM"
-    # Forward arguments that carry pixels: image-token ids count as vision tokens only in a call that carries them
-    # (or their encoding, which generate() computes up front and passes as `mm_encoder_outputs`), so an image-token
-    # id the model happens to generate later is treated as text, as transformers itself does.
-    pixel_inputs: tuple[str, ...] = ()
+    """The generic adapter (see the module docstring); a family whose layout differs subclasses it."""
 
-    def __init__(self, model: nn.Module):
-        self.model = model
+    def __init__(self, model: nn.Module, family: str = "generic"):
+        self.model, self.family = model, family
+        path = next((p for p in BACKBONE_PATHS if isinstance(getattr(_attribute(model, p), "layers", None),
+                                                             nn.ModuleList)), None)  # fmt: skip
+        name = type(model).__name__
+        if path is None:
+            looked = ", ".join(f"{p}.layers" for p in BACKBONE_PATHS)
+            raise SkipitError(f"{name} is not supported: found no decoder layers (looked for {looked})")
+        self._backbone = _attribute(model, path)
+        if not isinstance(getattr(self._backbone, "norm", None), nn.Module):
+            raise SkipitError(f"{name} is not supported: its text decoder ({path}) has no final `norm`")
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        if not isinstance(head, nn.Module):
+            raise SkipitError(f"{name} is not supported: it has no LM head (get_output_embeddings() is None)")
+        self._head = head
+        # Forward arguments that carry pixels: image-token ids count as vision tokens only in a call that carries
+        # them (or their encoding, which generate() computes up front and passes as `mm_encoder_outputs`), so an
+        # image-token id the model happens to generate later is treated as text, as transformers itself does.
+        parameters = inspect.signature(model.forward).parameters
+        self.pixel_inputs = tuple(p for p in parameters if p.startswith("pixel_values"))
+        config = model.config
+        ids = [next((getattr(config, n) for n in names if getattr(config, n, None) is not None), None)
+               for names in (IMAGE_TOKEN_NAMES, VIDEO_TOKEN_NAMES)]  # fmt: skip
+        self._vision_ids = [int(i) for i in ids if i is not None] if self.pixel_inputs else []
+        if self.pixel_inputs and not self._vision_ids:
+            raise SkipitError(
+                f"{name} is not supported: it takes {self.pixel_inputs[0]} but its config has no image token id "
+                f"(looked for {', '.join(IMAGE_TOKEN_NAMES + VIDEO_TOKEN_NAMES)})"
+            )
 
     @property
     def backbone(self) -> nn.Module:
         """The text decoder module that owns `layers` and `norm`."""
-        return self.model.model
+        return self._backbone
 
     @property
     def layers(self) -> nn.ModuleList:
@@ -54,7 +130,7 @@ class Adapter:
 
     @property
     def lm_head(self) -> nn.Module:
-        return self.model.lm_head
+        return self._head
 
     @property
     def attn_implementation(self) -> str:
@@ -63,6 +139,10 @@ class Adapter:
     @property
     def hidden_size(self) -> int:
         return self.backbone.config.hidden_size
+
+    # Layers after which the model writes into the residual stream before the next layer (Qwen3-VL's deepstack):
+    # their output must be the whole sequence, in original order.
+    injected_after: frozenset[int] = frozenset()
 
     def set_attn_implementation(self, implementation: str) -> str:
         """Switch the language backbone (only) to `implementation` through transformers' own
@@ -78,7 +158,20 @@ class Adapter:
         return previous
 
     def vision_token_ids(self) -> list[int]:
-        return []
+        return list(self._vision_ids)
+
+    def plan_refusal(self) -> str | None:
+        """Why a non-empty skip plan cannot run exactly on this model (one clause), or None."""
+        kinds = layer_types(self.backbone.config)
+        for kind in dict.fromkeys(kinds):
+            if kind != "full_attention":
+                layers = [j for j, k in enumerate(kinds) if k == kind]
+                why = LAYER_KINDS.get(kind, f"{kind!r} layers (only full attention is supported)")
+                return f"it has {why}: layers {layers}"
+        if "token_type_ids" in inspect.signature(self.model.forward).parameters and self._vision_ids:
+            return ("its image tokens attend to each other bidirectionally (token_type_ids), a mask skip plans do "
+                    "not reproduce")
+        return None
 
     def vision_mask(self, input_ids: torch.Tensor | None, inputs: dict) -> torch.Tensor | None:
         """(batch, seq) bool, True at vision tokens; None when this call holds none."""

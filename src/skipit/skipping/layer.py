@@ -31,7 +31,9 @@ class SkipLayer(nn.Module):
         self.base_layer = base_layer
         self.role = role
         self.runtime = runtime
-        self.last = last  # the backbone's last layer hands the full sequence to the final norm
+        # the backbone's last layer hands the full sequence to the final norm; so does a layer whose output the
+        # model edits before the next layer (Qwen3-VL's deepstack injection, `Adapter.injected_after`)
+        self.last = last
         self.prunes = prunes  # this layer's attention ranks the vision tokens that later layers keep
 
     def __getattr__(self, name):

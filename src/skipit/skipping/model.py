@@ -11,9 +11,9 @@ from torch import nn
 from transformers import DynamicCache
 
 from skipit import compat
-from skipit.adapters import Adapter, get_adapter
+from skipit.adapters import Adapter, family_refusal, get_adapter
 from skipit.errors import SkipitError
-from skipit.plan import ALL, Plan
+from skipit.plan import ALL, SKIP, Plan
 from skipit.skipping.layer import SkipLayer
 from skipit.skipping.state import CacheState, ForwardCall, ForwardStep
 
@@ -34,6 +34,8 @@ class PlanRuntime:
         self.call: ForwardCall | None = None
         self._step: ForwardStep | None = None
         self.hooks = []
+        roles = plan.roles()
+        self.first_layer = {r: roles.index(r) for r in dict.fromkeys(roles) if r != SKIP}  # a layer per role
 
     def before_forward(self, module, args, kwargs):
         if self.passthrough:
@@ -42,6 +44,12 @@ class PlanRuntime:
         if args:
             inputs = dict(self.signature.bind_partial(*args, **kwargs).arguments)
             inputs.update(inputs.pop(self.var_kwargs, None) or {})
+        for flag in ("output_hidden_states", "output_attentions"):
+            if inputs.get(flag, getattr(module.config, flag, False)):
+                raise SkipitError(
+                    f"{flag} is not supported under a skip plan (the layers see token subsets, so it would return "
+                    "short tensors): measure without a plan (skipit.capture), or remove_plan first"
+                )
         mask = inputs.get("attention_mask")
         if mask is not None and not isinstance(mask, torch.Tensor):
             raise SkipitError("a skip plan needs a 2-D attention mask tensor (static caches are not supported)")
@@ -53,9 +61,24 @@ class PlanRuntime:
                 "this plan keeps layer 0's cache shorter than the sequence, so positions cannot be inferred from it: "
                 "pass position_ids when continuing from a cache (generate() does)"
             )
+        if state is not None:
+            self.check_cache(cache, state)
         # vision tokens: the family's image/video placeholder ids, in a call that carries pixels
         self.call = ForwardCall(self.adapter.vision_mask(inputs.get("input_ids"), inputs), mask)
         self._step = None
+
+    def check_cache(self, cache, state: CacheState) -> None:
+        """Refuse a cache edited outside the plan's bookkeeping: cropped (assisted or prompt-lookup decoding,
+        `assistant_model=`) or reordered in length, each group of layers must still hold the keys it cached."""
+        for role, keys in state.keys.items():
+            j = self.first_layer.get(role)
+            if j is None or keys.index is None or j >= len(cache.layers):
+                continue
+            if cache.layers[j].get_seq_length() != keys.index.shape[1]:
+                raise SkipitError(
+                    "the cache was cropped or edited between calls (assisted or prompt-lookup decoding, "
+                    "assistant_model=): not supported under a skip plan"
+                )
 
     def after_forward(self, module, args, output):
         self.call, self._step = None, None
@@ -100,15 +123,14 @@ def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
             f"attention implementation {adapter.attn_implementation!r} is not supported by skip plans: "
             "load the model with attn_implementation='sdpa'"
         )
-    if any(DynamicCache(config=model.config).is_sliding):  # transformers' own reading of the config
-        raise SkipitError(
-            f"{type(model).__name__} has sliding-window attention layers, which skip plans do not support "
-            "(their cache drops old keys)"
-        )
+    if not plan.is_empty:  # an empty plan passes every call straight through: exact on the layers it serves
+        _check_supported(model, adapter)
     runtime = PlanRuntime(model, adapter, plan)
     layers = adapter.layers
     for j, role in enumerate(plan.roles()):
-        layers[j] = SkipLayer(layers[j], role, runtime, last=j == len(layers) - 1,
+        # a layer whose output the model edits before the next layer (an injection) hands on the whole sequence
+        whole = j == len(layers) - 1 or j in adapter.injected_after
+        layers[j] = SkipLayer(layers[j], role, runtime, last=whole,
                               prunes=j == plan.prune_vision_after and role == ALL)
     runtime.hooks = [
         model.register_forward_pre_hook(runtime.before_forward, with_kwargs=True),
@@ -116,6 +138,23 @@ def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
     ]
     setattr(model, _ATTR, runtime)
     return model
+
+
+def _check_supported(model: nn.Module, adapter: Adapter) -> None:
+    """One line saying why a non-empty plan cannot run exactly on `model`, if it cannot."""
+    name = type(model).__name__
+    if why := family_refusal(adapter):
+        raise SkipitError(f"skip plans are not supported on {name}: {why}")
+    if any(DynamicCache(config=model.config).is_sliding):  # transformers' own reading of the config
+        raise SkipitError(
+            f"{name} has sliding-window attention layers, which skip plans do not support (their cache drops old keys)"
+        )
+    generation = getattr(model, "generation_config", None)
+    if getattr(generation, "cache_implementation", None) not in (None, "dynamic"):
+        raise SkipitError(
+            f"skip plans need a DynamicCache; {name}'s generation_config asks for a "
+            f"{generation.cache_implementation!r} cache"
+        )
 
 
 def remove_plan(model: nn.Module) -> nn.Module:
