@@ -7,7 +7,8 @@ from skipit.data import shapes
 from skipit.data.jsonl import load_records
 from skipit.errors import SkipitError
 from skipit.evaluation import vqa
-from skipit.evaluation.vqa import exact_match, normalize_answer, prompt_messages, soft_accuracy
+from skipit.evaluation.vqa import exact_match, normalize_answer, soft_accuracy
+from skipit.prompts import question_messages as prompt_messages
 
 
 @pytest.mark.parametrize(

@@ -32,6 +32,7 @@ from skipit.errors import SkipitError
 from skipit.flops import Shape
 from skipit.functional_stats import FunctionalStats
 from skipit.io import write_json
+from skipit.prompts import record_inputs
 from skipit.stats import AttentionStats, LayerStats, MeasureConfig, StatsConfig, _decode_meta, _encode_meta
 
 FORMAT, VERSION = "skipit-analysis", 1
@@ -80,25 +81,11 @@ class Analysis:
 
 
 def batch_inputs(processor, records: Sequence, vision: bool) -> dict:
-    """Model inputs for a batch of records, with skipit's VQA prompt (skipit.evaluation.vqa.prompt_text).
-
-    A model without vision gets the question as text, preceded by the record's caption when it has one (the
-    caption then stands in for the image), in the tokenizer's chat template when it has one.
+    """Model inputs for a batch of records (left-padded, on the CPU): `skipit.prompts.record_inputs`, the inputs
+    evaluation answers from. A model without vision gets the question as text, preceded by the record's caption when
+    it has one (the caption then stands in for the image), in the tokenizer's chat template when it has one.
     """
-    from skipit.evaluation.vqa import ANSWER_INSTRUCTION, prompt_text
-
-    if vision:
-        images = [r.load_image() for r in records]
-        texts = [prompt_text(processor, r.question) for r in records]
-        return dict(processor(images=images, text=texts, return_tensors="pt", padding=True))
-    texts = []
-    for r in records:
-        content = "\n".join(filter(None, [r.caption, r.question, ANSWER_INSTRUCTION]))
-        if getattr(processor, "chat_template", None):
-            content = processor.apply_chat_template([{"role": "user", "content": content}],
-                                                    add_generation_prompt=True, tokenize=False)
-        texts.append(content)
-    return dict(processor(texts, return_tensors="pt", padding=True, add_special_tokens=False))
+    return record_inputs(processor, records, vision)
 
 
 # ---------------------------------------------------------------- distribution and shards

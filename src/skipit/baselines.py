@@ -26,9 +26,10 @@ from collections.abc import Callable, Sequence
 import torch
 
 from skipit.errors import SkipitError
-from skipit.evaluation import speed, vqa
+from skipit.evaluation import speed
 from skipit.plan import Plan
 from skipit.planner import modalities
+from skipit.prompts import record_inputs
 from skipit.skipping import apply_plan, remove_plan
 
 METHODS = ("vtw", "shortv", "fastv", "shortgpt", "gromov", "random")
@@ -63,7 +64,7 @@ def last_logprobs(model, processor, records, plan: Plan | None = None, batch_siz
         apply_plan(model, plan)
     try:
         for i in range(0, len(records), batch_size):
-            inputs = vqa.record_inputs(model, processor, records[i:i + batch_size])
+            inputs = record_inputs(processor, records[i:i + batch_size], device=model.device)
             logits = model(**inputs, logits_to_keep=1).logits[:, -1].float()
             out.append(torch.log_softmax(logits, -1))
     finally:
@@ -94,7 +95,7 @@ def block_distances(model, processor, records, n: int) -> list[float]:
     count = 0
     for i in range(0, len(records), 16):
         rows = records[i:i + 16]
-        inputs = vqa.record_inputs(model, processor, rows)
+        inputs = record_inputs(processor, rows, device=model.device)
         hs = model(**inputs, output_hidden_states=True, logits_to_keep=1).hidden_states  # X_0..X_{L-1}, normed X_L
         last = torch.stack([h[:, -1].float() for h in hs[:L]])  # (L, batch, hidden)
         for start in range(L - n):  # blocks start..start+n-1 end at layer L-2 at the latest

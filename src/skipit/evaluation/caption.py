@@ -12,15 +12,13 @@ from collections.abc import Callable, Sequence
 
 from pycocoevalcap.cider.cider import Cider
 
+from skipit import prompts
 from skipit.errors import SkipitError
 from skipit.evaluation.vqa import generate_texts
 
-CAPTION_PROMPT = "Describe the image in one sentence."
-
-
-def prompt_text(processor) -> str:
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": CAPTION_PROMPT}]}]
-    return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+# re-exported for the callers that read them here (the CLI)
+CAPTION_PROMPT = prompts.CAPTION_PROMPT
+prompt_text = prompts.caption_text
 
 
 def tokenize(text: str) -> str:
@@ -68,7 +66,7 @@ def evaluate(
     """CIDEr-D of the model's greedy one-sentence captions, one per distinct image of `records`."""
     check_scorable(records)
     examples = by_image(records)
-    prompt = prompt_text(processor)
+    prompt = prompts.caption_text(processor)
     predictions = []
     for start in range(0, len(examples), batch_size):
         batch = examples[start:start + batch_size]

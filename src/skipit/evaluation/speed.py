@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from PIL import Image, UnidentifiedImageError
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from skipit import compat
@@ -31,29 +30,9 @@ from skipit.adapters import get_adapter
 from skipit.errors import SkipitError
 from skipit.flops import Shape, cost
 from skipit.plan import Plan
+from skipit.prompts import chat_inputs as chat_inputs  # re-exported for `skipit generate` and `skipit bench`
+from skipit.prompts import load_image as load_image
 from skipit.skipping import apply_plan, remove_plan
-
-
-def load_image(path: str | Path) -> Image.Image:
-    try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
-    except FileNotFoundError:
-        raise SkipitError(f"image file {path} does not exist") from None
-    except (UnidentifiedImageError, OSError) as e:
-        raise SkipitError(f"cannot read image {path}: {e}") from None
-
-
-def chat_inputs(processor, images: list[Image.Image], prompts: list[str]) -> dict:
-    """Processor inputs for one image + one prompt per row, through the processor's chat template (left padding)."""
-    texts = [
-        processor.apply_chat_template(
-            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": p}]}],
-            add_generation_prompt=True, tokenize=False,
-        )  # fmt: skip
-        for p in prompts
-    ]
-    return dict(processor(images=images, text=texts, return_tensors="pt", padding=True))
 
 
 def _sync(device: torch.device) -> None:

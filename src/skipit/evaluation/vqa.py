@@ -1,5 +1,6 @@
-"""Visual question answering: prompts, batched greedy answers, exact-match and VQA soft-accuracy scoring, the
-"needs the image" breakdown of a blind run, and the speed of generation on one batch of evaluation prompts."""
+"""Visual question answering: batched greedy answers, exact-match and VQA soft-accuracy scoring, the "needs the
+image" breakdown of a blind run, and the speed of generation on one batch of evaluation prompts. Prompts and model
+inputs come from `skipit.prompts`."""
 
 from __future__ import annotations
 
@@ -11,10 +12,13 @@ from collections.abc import Callable, Sequence
 import torch
 from PIL import Image
 
+from skipit import prompts
 from skipit.errors import SkipitError
 
-# LLaVA-1.5's short-answer instruction, used for training mini-llava and for every VQA evaluation.
-ANSWER_INSTRUCTION = "Answer the question using a single word or phrase."
+# re-exported for the callers that read them here (the CLI, mini-llava's training, lmms' shapes_vqa task, sweeps)
+ANSWER_INSTRUCTION = prompts.ANSWER_INSTRUCTION
+prompt_text = prompts.question_text
+
 _NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"]
 _NUMBERS = {w: str(i) for i, w in enumerate(_NUMBER_WORDS)}
 _ARTICLES = {"a", "an", "the"}
@@ -45,35 +49,18 @@ def soft_accuracy(prediction: str, answers: Sequence[str]) -> float:
     return sum(min((total - h) / 3, 1.0) for h in hits) / len(hits)
 
 
-def prompt_messages(question: str, with_image: bool = True) -> list[dict]:
-    content = [{"type": "image"}] if with_image else []
-    content.append({"type": "text", "text": f"{question}\n{ANSWER_INSTRUCTION}"})
-    return [{"role": "user", "content": content}]
-
-
-def prompt_text(processor, question: str) -> str:
-    return processor.apply_chat_template(prompt_messages(question), add_generation_prompt=True, tokenize=False)
-
-
 # ---------------------------------------------------------------- generation (shared with captioning)
 
 
-def batch_inputs(model, processor, images: Sequence[Image.Image], texts: Sequence[str]) -> dict:
-    # left padding whatever the saved tokenizer says: generation continues from each row's last token
-    inputs = processor(images=list(images), text=list(texts), return_tensors="pt", padding=True, padding_side="left")
-    return dict(inputs.to(model.device))
-
-
 def record_inputs(model, processor, records: Sequence) -> dict:
-    """`batch_inputs` for records: their images, and their questions in skipit's VQA prompt."""
-    return batch_inputs(model, processor, [r.load_image() for r in records],
-                        [prompt_text(processor, r.question) for r in records])  # fmt: skip
+    """`prompts.record_inputs` on the model's device: the records' images and questions in skipit's VQA prompt."""
+    return prompts.record_inputs(processor, records, device=model.device)
 
 
 @torch.inference_mode()
 def generate_texts(model, processor, images: Sequence[Image.Image], texts: Sequence[str], max_new_tokens: int):
     """Greedy continuations of one batch of chat-formatted prompts (one image each), stripped."""
-    inputs = batch_inputs(model, processor, images, texts)
+    inputs = prompts.model_inputs(processor, texts, images, device=model.device)
     out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
     new = out[:, inputs["input_ids"].shape[1]:]
     return [s.strip() for s in processor.batch_decode(new, skip_special_tokens=True)]
@@ -87,7 +74,7 @@ def answer(
     max_new_tokens: int = 8,
 ) -> list[str]:
     """Greedy answers for one batch."""
-    texts = [prompt_text(processor, q) for q in questions]
+    texts = [prompts.question_text(processor, q) for q in questions]
     return generate_texts(model, processor, images, texts, max_new_tokens)
 
 
@@ -100,7 +87,7 @@ def measure_speed(model, processor, images, texts, new_tokens: int = 16, repeats
     """
     from skipit.evaluation import speed
 
-    encoded, encode_s = speed.encode_images(model, batch_inputs(model, processor, images, texts))
+    encoded, encode_s = speed.encode_images(model, prompts.model_inputs(processor, texts, images, device=model.device))
     runs = speed.compare(model, encoded, {"eval": None}, new_tokens=new_tokens, repeats=repeats)["eval"]
 
     def median(key: Callable[[speed.Run], float]) -> float:
@@ -166,7 +153,7 @@ def evaluate(
         batch = records[start:start + batch_size]
         images = [r.load_image() for r in batch]
         if blind:
-            images = [Image.new("RGB", im.size, (255, 255, 255)) for im in images]
+            images = [prompts.blank(im) for im in images]
         predictions += answer(model, processor, images, [r.question for r in batch])
         if on_batch:
             on_batch(len(batch))

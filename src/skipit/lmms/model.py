@@ -6,10 +6,10 @@ model_args: ``pretrained`` (a folder saved with save_pretrained() or a hub id; d
 built on first use), ``plan`` (a plan JSON made for that checkpoint; default: none), ``dtype`` (default float32),
 ``max_new_tokens`` (when the task does not set it; default 128).
 
-Prompts are built as in `skipit.evaluation.vqa`: one user turn holding the request's images and then the task's
-text, rendered with the processor's chat template, generation prompt added. Batches are the requests in the order
-lmms-eval gives them (documents in order), left-padded and decoded greedily, so `--batch_size B` forms the same
-batches as `vqa.evaluate(..., batch_size=B)` on the same records.
+Prompts and inputs come from `skipit.prompts`, as in skipit's own evaluation: one user turn holding the request's
+images and then the task's text, rendered with the processor's chat template, generation prompt added. Batches are
+the requests in the order lmms-eval gives them (documents in order), left-padded and decoded greedily, so
+`--batch_size B` forms the same batches as `vqa.evaluate(..., batch_size=B)` on the same records.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from loguru import logger  # lmms-eval's own logger
 from PIL import Image
 from tqdm import tqdm
 
-from skipit import models
+from skipit import models, prompts
 from skipit.errors import SkipitError
 from skipit.plan import Plan
 from skipit.skipping import apply_plan
@@ -64,7 +64,7 @@ class SkipitLMM(lmms):
         self.plan = Plan.load(plan) if plan else None
         if self.plan is not None:
             apply_plan(self.model, self.plan)
-        self.text_only = not hasattr(self.processor, "image_processor")  # a tokenizer: skipit's causal LMs
+        self.text_only = prompts.is_text_only(self.processor)  # a tokenizer: skipit's causal LMs
         self._warned_sampling = False
 
     @property
@@ -84,27 +84,11 @@ class SkipitLMM(lmms):
         return [v.convert("RGB") for v in visuals]
 
     def prompt(self, text: str, n_images: int) -> str:
-        """The chat-templated prompt: one user turn with `n_images` images, then `text` (as vqa.prompt_text)."""
-        if self.text_only:
-            if getattr(self.processor, "chat_template", None) is None:
-                return text
-            messages = [{"role": "user", "content": text}]
-        else:
-            messages = [{"role": "user", "content": [{"type": "image"}] * n_images + [{"type": "text", "text": text}]}]
-        return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        """The chat-templated prompt: one user turn with `n_images` images, then `text` (`prompts.chat_text`)."""
+        return prompts.chat_text(self.processor, text, n_images)
 
     def _inputs(self, texts: list[str], images: list[Image.Image]) -> dict:
-        # left padding whatever the saved tokenizer says: generation continues from each row's last token
-        kwargs = {"text": texts, "return_tensors": "pt", "padding": True, "padding_side": "left"}
-        if images:
-            kwargs["images"] = images
-        inputs = self.processor(**kwargs)
-        dtype = self.model.dtype
-        return {
-            k: v.to(self._device, dtype) if torch.is_floating_point(v) else v.to(self._device)
-            for k, v in inputs.items()
-            if isinstance(v, torch.Tensor)
-        }
+        return prompts.model_inputs(self.processor, texts, images, device=self._device, dtype=self.model.dtype)
 
     @torch.inference_mode()
     def _generate(self, texts: list[str], images: list[Image.Image], max_new_tokens: int) -> list[str]:
