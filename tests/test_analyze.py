@@ -100,7 +100,7 @@ def test_two_processes_equal_one(saved, tmp_path):
                                                                  "rank001-of-002.safetensors"]
     model, processor = models.load(model_dir)
     one = analyze(model, processor, load_records(data), batch_size=1)
-    close(two["measures"], one.result["measures"])
+    close(two["measures"], one.result.to_dict()["measures"])
 
 
 def test_resume_after_interrupt_equals_uninterrupted(tiny_llava, saved, tmp_path):
@@ -160,7 +160,8 @@ def test_text_only_causal_lm(saved, tmp_path):
     torch.manual_seed(0)
     lm = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=4,
                                       num_attention_heads=4, num_key_value_heads=2, pad_token_id=tok.pad_token_id))
-    result = analyze(lm.eval(), tok, load_records(saved[1]), batch_size=4, stats_config=SMALL, run_dir=tmp_path).result
+    result = analyze(lm.eval(), tok, load_records(saved[1]), batch_size=4, stats_config=SMALL,
+                     run_dir=tmp_path).result.to_dict()
     hidden = result["measures"]["hidden"]["modalities"]
     assert result["measures"]["var"] is None and hidden["vision"]["n_tokens"] == [0] * 4
     assert all(0 < v < 1 for v in hidden["text"]["geometric"]["rho"]["mean"])

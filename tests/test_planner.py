@@ -5,20 +5,25 @@ from __future__ import annotations
 import pytest
 import torch
 
-from skipit.analysis import analyze
+from skipit.analysis import Analysis, analyze
 from skipit.data.jsonl import load_records
 from skipit.data.shapes import write_split
 from skipit.errors import SkipitError
 from skipit.flops import Shape
 from skipit.plan import Plan
 from skipit.planner import Thresholds, is_safe, make_plan, predicted, predicted_damage
+from skipit.result import AnalysisResult
 from skipit.skipping import apply_plan, remove_plan
 from skipit.stats import StatsConfig
 
 SHAPE = dict(num_layers=8, hidden=64, heads=4, kv_heads=2, head_dim=16, intermediate=128, vocab=100)
 
 
-def fake_analysis(rho_v, rho_t, var, tail_v=None, tail_t=None, n_vision=64, n_text=32) -> dict:
+def fake_analysis(*args, **kwargs) -> AnalysisResult:
+    return AnalysisResult.from_dict(fake_json(*args, **kwargs))
+
+
+def fake_json(rho_v, rho_t, var, tail_v=None, tail_t=None, n_vision=64, n_text=32) -> dict:
     """An analysis.json holding only what the planner reads, 10 records."""
     L = len(rho_v)
 
@@ -105,7 +110,8 @@ def test_budget_removes_at_least_that_much_from_the_cheapest_layers():
 
 
 def test_predicted_damage_sums_what_the_plan_removes():
-    a = fake_analysis(RHO_V, RHO_T, VAR)
+    raw = fake_json(RHO_V, RHO_T, VAR)
+    a = AnalysisResult.from_dict(raw)
     plan = make_plan(a)  # skip 1, 3; vision absent at 0 and 5..7
     d = predicted_damage(a, plan)
     skip = sum((64 * RHO_V[j] + 32 * RHO_T[j]) / 96 for j in (1, 3))
@@ -113,8 +119,9 @@ def test_predicted_damage_sums_what_the_plan_removes():
     assert d["var"] == pytest.approx(VAR[0] + VAR[1] + VAR[3] + VAR[5] + VAR[6] + VAR[7])
     assert d["cka"] == pytest.approx(d["geometric"])  # cka was built as 1 - rho
     assert d["ablation_kl"] is None  # measured only with analyze --ablation
-    a["measures"]["functional"]["ablation"] = {m: {"kl": {"mean": [2 * r for r in rho]}}
-                                               for m, rho in (("vision", RHO_V), ("text", RHO_T))}  # fmt: skip
+    raw["measures"]["functional"]["ablation"] = {m: {"kl": {"mean": [2 * r for r in rho]}}
+                                                 for m, rho in (("vision", RHO_V), ("text", RHO_T))}  # fmt: skip
+    a = AnalysisResult.from_dict(raw)
     assert predicted_damage(a, plan)["ablation_kl"] == pytest.approx(2 * d["geometric"])
 
 
@@ -132,11 +139,12 @@ def test_pruning_counts_the_share_of_vision_it_removes():
 
 
 def test_functional_freezing_takes_the_lowest_ablation_kl_under_kappa():
-    a = fake_analysis(RHO_V, RHO_T, VAR)
+    raw = fake_json(RHO_V, RHO_T, VAR)
     with pytest.raises(SkipitError, match="analyze --ablation"):
-        make_plan(a, functional=True)
+        make_plan(AnalysisResult.from_dict(raw), functional=True)
     kl = [0.5, 0.004, 0.3, 0.001, 0.009, 0.002, 0.006, 0.0]
-    a["measures"]["functional"]["ablation"] = {"vision": {"kl": {"mean": kl}}}
+    raw["measures"]["functional"]["ablation"] = {"vision": {"kl": {"mean": kl}}}
+    a = AnalysisResult.from_dict(raw)
     plan = make_plan(a, Thresholds(tau=0.01, kappa=0.01), functional=True)  # bands: the other conditions
     assert (plan.late_entry, plan.late_entry_mode, plan.early_exit, plan.skip_layers) == (2, "frozen", None, (1, 3))
     # in 2..7 without the skipped 3, by KL: 7 (0), 5 (.002), 6 (.006) -> sum .008; adding 4 (.009) reaches .017
@@ -148,23 +156,33 @@ def test_functional_freezing_takes_the_lowest_ablation_kl_under_kappa():
 
 
 def test_text_only_model_gets_only_layer_skips():
-    a = fake_analysis(RHO_V, RHO_T, VAR)
+    raw = fake_json(RHO_V, RHO_T, VAR)
     none = [None] * len(RHO_V)  # what analyze writes for a modality without tokens
-    a["measures"]["hidden"]["modalities"]["vision"] = {
+    raw["measures"]["hidden"]["modalities"]["vision"] = {
         "n_tokens": [0] * len(RHO_V), "geometric": {"rho": {"mean": none}, "angular": {"mean": none}},
         "proximal": {"tail": {"0.05": none}}, "informational": {"score": none}, "cka": {"value": none},
     }  # fmt: skip
-    a["measures"]["var"] = None
+    raw["measures"]["var"] = None
+    a = AnalysisResult.from_dict(raw)
     plan = make_plan(a)
     assert plan.skip_layers == (1, 3) and plan.late_entry == 0 and plan.early_exit is None
     assert predicted_damage(a, plan)["geometric"] == pytest.approx(RHO_T[1] + RHO_T[3])
 
 
 def test_old_analysis_without_shape_is_a_clear_error():
-    a = fake_analysis(RHO_V, RHO_T, VAR)
-    del a["model"]["shape"]
+    raw = fake_json(RHO_V, RHO_T, VAR)
+    del raw["model"]["shape"]
     with pytest.raises(SkipitError, match="run skipit analyze again"):
-        make_plan(a)
+        make_plan(AnalysisResult.from_dict(raw))
+
+
+def test_make_plan_takes_the_typed_result_or_the_analysis_and_nothing_else():
+    a = fake_analysis(RHO_V, RHO_T, VAR)
+    assert make_plan(Analysis(a)) == make_plan(a)
+    for other in (fake_json(RHO_V, RHO_T, VAR), "runs/a", None):
+        with pytest.raises(SkipitError, match=r"^make_plan needs an analysis .*got (dict|str|NoneType)") as err:
+            make_plan(other)
+        assert "\n" not in str(err.value)
 
 
 def test_plan_from_a_real_analysis_applies_to_its_model(tiny_llava, tmp_path):
@@ -172,9 +190,10 @@ def test_plan_from_a_real_analysis_applies_to_its_model(tiny_llava, tmp_path):
     records = load_records(write_split(tmp_path / "shapes", "calibration", n=4).parent)
     torch.manual_seed(0)
     analysis = analyze(model, processor, records, batch_size=2, stats_config=StatsConfig(n_bootstrap=5, sketch_size=16))
-    assert analysis.result["model"]["shape"] == Shape.from_model(model).__dict__
+    assert analysis.result.model.shape == Shape.from_model(model).__dict__
     plan = make_plan(analysis.result, budget=0.3)
     assert predicted(analysis.result, plan)["saving"] >= 0.3
+    assert make_plan(analysis, budget=0.3) == plan  # the Analysis that analyze returns, as it is
     apply_plan(model, plan)  # bound to this model: check() passes
     try:
         inputs = processor(images=[records[0].load_image()], text=["<image> a"], return_tensors="pt")

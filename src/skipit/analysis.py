@@ -5,17 +5,14 @@ statistics are saved to RUN_DIR/shards/ every few batches, and a rerun with the 
 last saved batch) and distributed (under torchrun each rank measures records[rank::world]; rank 0 merges the
 statistics, which merge exactly, and writes the result).
 
-analysis.json (format "skipit-analysis", version 1): format, version, created, model {path, class, family,
-num_layers, hidden_size, fingerprint}, data {path, n_records}, seed, settings, versions, layers, measures
-{hidden: per modality geometric / proximal / informational / cka / decision_stability (skipit.stats.LayerStats),
-var: text-to-vision attention (skipit.stats.AttentionStats, null when the model has no vision tokens),
-functional: logit lens and, with ablation, ablation KL and Lipschitz bounds (skipit.functional_stats)}, timing.
+The result is a `skipit.result.AnalysisResult`, written as analysis.json (its schema, loading and accessors are in
+skipit.result): the measures of hidden states per modality (skipit.stats.LayerStats), VAR (skipit.stats.AttentionStats,
+null when the model has no vision tokens) and the functional ones (skipit.functional_stats).
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import platform
 import tempfile
@@ -31,26 +28,26 @@ from skipit.capture import Calibrator
 from skipit.errors import SkipitError
 from skipit.flops import Shape
 from skipit.functional_stats import FunctionalStats
-from skipit.io import write_json
 from skipit.prompts import record_inputs
+from skipit.result import VERSION, AnalysisResult, DataInfo, ModelInfo
 from skipit.stats import AttentionStats, LayerStats, MeasureConfig, StatsConfig, _decode_meta, _encode_meta
 
-FORMAT, VERSION = "skipit-analysis", 1
 SHARD_FORMAT = "skipit-analysis-shard"
 PARTS = {"layer": LayerStats, "attention": AttentionStats, "functional": FunctionalStats}
 
 
 @dataclass
 class Analysis:
-    """The result of `analyze`: `result` is the content of analysis.json; `stats` the merged accumulators
-    ({"layer", "attention", "functional"}), to finalize again with other measure settings."""
+    """The result of `analyze`: `result` is the typed content of analysis.json (skipit.result.AnalysisResult);
+    `stats` the merged accumulators ({"layer", "attention", "functional"}), to finalize again with other measure
+    settings."""
 
-    result: dict
+    result: AnalysisResult
     stats: dict | None = None
 
     @property
     def measures(self) -> dict:
-        return self.result["measures"]
+        return self.result.measures
 
     def save(self, run_dir: str | Path) -> Path:
         """RUN_DIR/analysis.json and one PNG per measure, each written atomically; returns the JSON's path."""
@@ -58,23 +55,12 @@ class Analysis:
 
         run_dir = Path(run_dir)
         plot_analysis(self.result, run_dir)
-        return write_json(run_dir / "analysis.json", self.result)
+        return self.result.save(run_dir / "analysis.json")
 
     @classmethod
     def load(cls, path: str | Path) -> Analysis:
-        path = Path(path)
-        path = path / "analysis.json" if path.is_dir() else path
-        try:
-            result = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise SkipitError(f"no analysis at {path}") from None
-        except json.JSONDecodeError as e:
-            raise SkipitError(f"{path} is not valid JSON ({e.msg} at line {e.lineno})") from None
-        if not isinstance(result, dict) or result.get("format") != FORMAT:
-            raise SkipitError(f'{path} is not a skipit analysis (expected "format": "{FORMAT}")')
-        if result.get("version") != VERSION:
-            raise SkipitError(f"analysis format version {result.get('version')!r} is not supported (reads {VERSION})")
-        return cls(result)
+        """analysis.json, or RUN_DIR/analysis.json for a folder (see skipit.result.load)."""
+        return cls(AnalysisResult.load(path))
 
 
 # ---------------------------------------------------------------- inputs
@@ -272,23 +258,23 @@ def analyze(
         "var": stats["attention"].finalize(measure_config.ci_level) if stats["attention"] is not None else None,
         "functional": stats["functional"].finalize(measure_config.ci_level),
     }
-    result = {
-        "format": FORMAT, "version": VERSION, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "model": {"path": model_path or getattr(model.config, "_name_or_path", None) or None,
-                  "class": type(model).__name__, "family": adapter.family, "num_layers": adapter.num_layers,
-                  "hidden_size": adapter.hidden_size, "fingerprint": identity["fingerprint"],
-                  "shape": asdict(Shape.from_model(model))},
-        "data": {"path": None if data_path is None else str(data_path), "n_records": len(records),
-                 "records_digest": identity["records"]},
-        "seed": config.seed,
-        "settings": settings | {"measure_config": asdict(measure_config), "shard_every": shard_every},
-        "versions": _versions(),
-        "layers": list(range(adapter.num_layers)),
-        "measures": measures,
-        "timing": {"rank0_seconds": seconds, "rank0_examples": len(todo),
-                   "rank0_examples_per_s": len(todo) / seconds if seconds > 0 else None,
-                   "finalize_seconds": time.perf_counter() - t0},
-    }
+    result = AnalysisResult(
+        created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        model=ModelInfo(path=model_path or getattr(model.config, "_name_or_path", None) or None,
+                        class_name=type(model).__name__, family=adapter.family, num_layers=adapter.num_layers,
+                        hidden_size=adapter.hidden_size, fingerprint=identity["fingerprint"],
+                        shape=asdict(Shape.from_model(model))),
+        data=DataInfo(path=None if data_path is None else str(data_path), n_records=len(records),
+                      records_digest=identity["records"]),
+        seed=config.seed,
+        settings=settings | {"measure_config": asdict(measure_config), "shard_every": shard_every},
+        versions=_versions(),
+        layers=list(range(adapter.num_layers)),
+        measures=measures,
+        timing={"rank0_seconds": seconds, "rank0_examples": len(todo),
+                "rank0_examples_per_s": len(todo) / seconds if seconds > 0 else None,
+                "finalize_seconds": time.perf_counter() - t0},
+    )  # fmt: skip
     analysis = Analysis(result, stats)
     if run_dir is not None:
         analysis.save(run_dir)

@@ -28,8 +28,8 @@ import torch
 from skipit.errors import SkipitError
 from skipit.evaluation import speed
 from skipit.plan import Plan
-from skipit.planner import modalities
 from skipit.prompts import record_inputs
+from skipit.result import AnalysisResult, as_result
 from skipit.skipping import apply_plan, remove_plan
 
 METHODS = ("vtw", "shortv", "fastv", "shortgpt", "gromov", "random")
@@ -105,16 +105,18 @@ def block_distances(model, processor, records, n: int) -> list[float]:
     return (sums / count).tolist()
 
 
-def block_influence(analysis: dict) -> list[float]:
+def block_influence(analysis: AnalysisResult) -> list[float]:
     """ShortGPT's Block Influence over all tokens: the token-weighted mean of each modality's 1 - cos."""
-    mods = modalities(analysis)
-    weight = {m: v["n_tokens"][0] for m, v in mods.items()}
-    L = len(analysis["layers"])
-    return [sum(v["geometric"]["block_influence"]["mean"][j] * weight[m] for m, v in mods.items())
-            / sum(weight.values()) for j in range(L)]  # fmt: skip
+    analysis = as_result(analysis, "shortgpt")
+    mods = analysis.modalities
+    weight = {m: analysis.n_tokens(m) for m in mods}
+    influence = {m: analysis.measure("block_influence", m).mean for m in mods}
+    return [sum(influence[m][j] * weight[m] for m in mods) / sum(weight.values())
+            for j in range(analysis.num_layers)]  # fmt: skip
 
 
-def baseline_plan(method: str, model, processor, calib, encoded: dict, budget: float, analysis: dict | None = None,
+def baseline_plan(method: str, model, processor, calib, encoded: dict, budget: float,
+                  analysis: AnalysisResult | None = None,
                   seed: int = 0, cache: dict | None = None) -> Plan:  # fmt: skip
     """`method`'s plan removing at least `budget` of the prefill FLOPs of `encoded`. `cache` (a dict) keeps the
     rankings between calls for several budgets."""

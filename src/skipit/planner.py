@@ -32,8 +32,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 
 from skipit.errors import SkipitError
-from skipit.flops import Shape, ideal_speedup, prompt_layout
+from skipit.flops import ideal_speedup, prompt_layout
 from skipit.plan import MODES, Plan
+from skipit.result import NO_SHAPE, AnalysisResult, as_result
 
 
 @dataclass(frozen=True)
@@ -67,61 +68,65 @@ class Costs:
     exit: list[float]  # vision tokens gone, after the early exit
 
 
-def modalities(analysis: dict) -> dict:
-    """The modalities the calibration data had tokens of (a text-only model's analysis has an empty "vision")."""
-    return {m: v for m, v in analysis["measures"]["hidden"]["modalities"].items() if v["n_tokens"][0] > 0}
-
-
-def ablation_kl(analysis: dict) -> dict[str, list[float]]:
+def ablation_kl(analysis: AnalysisResult) -> dict[str, list[float]]:
     """Per modality, the ablation KL of each layer; empty unless the analysis was made with `analyze --ablation`."""
-    ablation = (analysis["measures"].get("functional") or {}).get("ablation") or {}
-    return {m: v["kl"]["mean"] for m, v in ablation.items()}
+    return as_result(analysis).ablation_kl
 
 
-def _tail(modality: dict, delta: float) -> list[float]:
-    tails = modality["proximal"]["tail"]
-    key = next((k for k in tails if abs(float(k) - delta) < 1e-12), None)
-    if key is None:
-        raise SkipitError(f"delta {delta} was not measured; the analysis has tail probabilities at {', '.join(tails)}")
-    return tails[key]
+def _tail(analysis: AnalysisResult, modality: str, delta: float) -> list[float]:
+    tail = analysis.tail(modality, delta)
+    if tail is None:
+        measured = ", ".join(f"{d:g}" for d in analysis.tail_deltas)
+        raise SkipitError(f"delta {delta} was not measured; the analysis has tail probabilities at {measured}")
+    return tail
 
 
-def layer_costs(analysis: dict, t: Thresholds) -> Costs:
-    mods = modalities(analysis)
-    L = len(analysis["layers"])
-    geo = {m: [r / t.epsilon for r in v["geometric"]["rho"]["mean"]] for m, v in mods.items()}
-    prox = {m: [p / t.eta for p in _tail(v, t.delta)] for m, v in mods.items()}
+def _mean(analysis: AnalysisResult, name: str, modality: str) -> list[float]:
+    series = analysis.measure(name, modality)
+    if series is None:
+        raise SkipitError(f"the analysis has no {name} for {modality} tokens: run skipit analyze again")
+    return series.mean
+
+
+def layer_costs(analysis: AnalysisResult, t: Thresholds) -> Costs:
+    analysis = as_result(analysis)
+    mods = analysis.modalities
+    L = analysis.num_layers
+    geo = {m: [r / t.epsilon for r in _mean(analysis, "rho", m)] for m in mods}
+    prox = {m: [p / t.eta for p in _tail(analysis, m, t.delta)] for m in mods}
     per_mod = {m: [max(geo[m][j], prox[m][j]) for j in range(L)] for m in mods}
     skip = [max(per_mod[m][j] for m in mods) for j in range(L)]
     inf = [float("inf")] * L
-    var = analysis["measures"].get("var")
+    var = analysis.var
     if "vision" not in mods or var is None:  # text-only model: there are no vision decisions
         return Costs(skip, inf, inf, inf)
-    attn = [v / t.tau for v in var["var"]["mean"]]
+    attn = [v / t.tau for v in var.share.mean]
     freeze = per_mod["vision"]
     return Costs(skip, freeze, [max(f, a) for f, a in zip(freeze, attn, strict=True)], attn)
 
 
-def mean_prompt(analysis: dict) -> tuple[int, int]:
+def mean_prompt(analysis: AnalysisResult) -> tuple[int, int]:
     """Average vision and text tokens per calibration prompt."""
-    mods, n = modalities(analysis), analysis["data"]["n_records"]
-    count = {m: round(v["n_tokens"][0] / n) for m, v in mods.items()}
+    analysis = as_result(analysis)
+    n = analysis.data.n_records
+    count = {m: round(analysis.n_tokens(m) / n) for m in analysis.modalities}
     return count.get("vision", 0), count.get("text", 0)
 
 
-def predicted(analysis: dict, plan: Plan) -> dict:
+def predicted(analysis: AnalysisResult, plan: Plan) -> dict:
     """Ideal speed-ups and FLOPs saving of `plan` on the average calibration prompt (vision tokens first)."""
-    shape = Shape(**analysis["model"]["shape"])
+    analysis = as_result(analysis)
     n_vision, n_text = mean_prompt(analysis)
-    return ideal_speedup(shape, plan, prompt_layout(n_vision, n_text), decode_steps=16)
+    return ideal_speedup(analysis.shape, plan, prompt_layout(n_vision, n_text), decode_steps=16)
 
 
-def plan_from_costs(analysis: dict, costs: Costs, mode: str | None = None, freeze_vision: bool = False,
+def plan_from_costs(analysis: AnalysisResult, costs: Costs, mode: str | None = None, freeze_vision: bool = False,
                     kl: list[float] | None = None, kappa: float = 0.0) -> Plan:  # fmt: skip
     """The widest bands and every single layer whose decisions all cost < 1 (see the module docstring). With `kl`
     (functional freezing), vision tokens are frozen in the layers of k..m with the lowest `kl`, as many as keep the
     sum under `kappa`."""
-    L = len(analysis["layers"])
+    analysis = as_result(analysis)
+    L = analysis.num_layers
     ok = {name: [c < 1 for c in getattr(costs, name)] for name in ("skip", "freeze", "absent", "exit")}
     skip = [j for j in range(L) if ok["skip"][j]]
     if len(skip) == L:  # keep the layer that is least redundant
@@ -157,16 +162,16 @@ def plan_from_costs(analysis: dict, costs: Costs, mode: str | None = None, freez
     return best[1]
 
 
-def _plan(analysis: dict, **decisions) -> Plan:
-    model = analysis["model"]
+def _plan(analysis: AnalysisResult, **decisions) -> Plan:
+    model = analysis.model
     if decisions.get("late_entry") == 0:
         decisions["late_entry_mode"] = "absent"
-    return Plan(architecture=model["class"], num_layers=model["num_layers"], fingerprint=model["fingerprint"],
+    return Plan(architecture=model.class_name, num_layers=model.num_layers, fingerprint=model.fingerprint,
                 **decisions)  # fmt: skip
 
 
 def make_plan(
-    analysis: dict,
+    analysis: AnalysisResult,
     thresholds: Thresholds | None = None,
     budget: float | None = None,
     mode: str | None = None,
@@ -175,13 +180,16 @@ def make_plan(
 ) -> Plan:
     """The plan the conditions allow (thresholds), or the cheapest-to-lose plan removing `budget` of prefill FLOPs.
 
-    `mode`: late entry mode ("absent" or "frozen"; default: whichever removes more FLOPs). `freeze_vision`: also
-    freeze vision tokens in every layer between k and m that meets the freeze condition (ShortV-style).
+    `analysis`: a `skipit.result.AnalysisResult` (`skipit.result.load(RUN_DIR)`), or the Analysis that
+    `skipit.analyze` returns. `mode`: late entry mode ("absent" or "frozen"; default: whichever removes more FLOPs).
+    `freeze_vision`: also freeze vision tokens in every layer between k and m that meets the freeze condition
+    (ShortV-style).
     `functional`: freeze vision tokens by the functional condition instead, from an analysis made with `--ablation`:
     in the layers whose ablation KL for vision tokens is lowest, while its sum stays under `thresholds.kappa`.
     """
-    if "shape" not in analysis.get("model", {}):
-        raise SkipitError("this analysis predates plan support (no model shape): run skipit analyze again")
+    analysis = as_result(analysis, "make_plan")
+    if analysis.model.shape is None:
+        raise SkipitError(NO_SHAPE)
     if mode is not None and mode not in MODES:
         raise SkipitError(f"late entry mode must be one of {', '.join(MODES)}, got {mode!r}")
     base = thresholds or Thresholds()
@@ -189,7 +197,7 @@ def make_plan(
     if functional:
         if budget is not None:
             raise SkipitError("functional freezing has its own limit (kappa); it does not take a budget")
-        kl = ablation_kl(analysis).get("vision")
+        kl = analysis.ablation_kl.get("vision")
         if kl is None:
             raise SkipitError("functional freezing needs the ablation KL of vision tokens: run skipit analyze "
                               "--ablation on a vision-language model")  # fmt: skip
@@ -210,7 +218,7 @@ def make_plan(
     return plan
 
 
-def _scale_for_budget(analysis, base: Thresholds, budget: float, mode, freeze_vision) -> float:
+def _scale_for_budget(analysis: AnalysisResult, base: Thresholds, budget: float, mode, freeze_vision) -> float:
     """Smallest common scale of the thresholds whose plan removes >= budget of the prefill FLOPs."""
     unit = layer_costs(analysis, base)
     # the plan only changes where a layer's cost crosses 1, so the scale need only be tried at those values
@@ -227,7 +235,7 @@ def _scale_for_budget(analysis, base: Thresholds, budget: float, mode, freeze_vi
     raise SkipitError(f"no plan removes {budget:.0%} of the FLOPs; the most this analysis allows is {best_saving:.1%}")
 
 
-def _evidence(analysis, plan: Plan, base: Thresholds, scale: float, budget, costs: Costs) -> dict:
+def _evidence(analysis: AnalysisResult, plan: Plan, base: Thresholds, scale: float, budget, costs: Costs) -> dict:
     pred = predicted(analysis, plan)
     n_vision, n_text = mean_prompt(analysis)
     roles = plan.roles()
@@ -240,8 +248,8 @@ def _evidence(analysis, plan: Plan, base: Thresholds, scale: float, budget, cost
         "thresholds": asdict(base.scaled(scale)),
         "threshold_scale": scale,
         "reasons": REASONS if scale == 1.0 else {"budget": f"default thresholds x {scale:.3g} to remove {budget}"},
-        "analysis": {"fingerprint": analysis["model"]["fingerprint"], "data": analysis["data"],
-                     "created": analysis.get("created")},
+        "analysis": {"fingerprint": analysis.model.fingerprint, "data": analysis.data.to_dict(),
+                     "created": analysis.created},
         "costs": {name: rounded(getattr(costs, name)) for name in ("skip", "freeze", "absent", "exit")},
         "roles": roles,
         "prompt": {"vision_tokens": n_vision, "text_tokens": n_text},
@@ -254,35 +262,37 @@ def _evidence(analysis, plan: Plan, base: Thresholds, scale: float, budget, cost
 MEASURES = ("geometric", "angular", "proximal", "informational", "cka", "logit_lens", "var", "ablation_kl")
 
 
-def layer_values(analysis: dict, delta: float = 0.05) -> dict[str, dict[str, list[float]]]:
+def layer_values(analysis: AnalysisResult, delta: float = 0.05) -> dict[str, dict[str, list[float]]]:
     """Per measure and modality, one value per layer, oriented so that larger means the layer matters more."""
-    mods = modalities(analysis)
+    analysis = as_result(analysis)
+    mods = analysis.modalities
     out: dict[str, dict[str, list[float]]] = {m: {} for m in MEASURES}
-    for name, v in mods.items():
-        out["geometric"][name] = v["geometric"]["rho"]["mean"]
-        out["angular"][name] = v["geometric"]["angular"]["mean"]
-        out["proximal"][name] = _tail(v, delta)
-        out["informational"][name] = v["informational"]["score"] if v.get("informational") else None
-        out["cka"][name] = [1 - c for c in v["cka"]["value"]] if v.get("cka") else None
-    functional = analysis["measures"].get("functional") or {}
-    lens = functional.get("logit_lens", {}).get("kl", {}).get("mean")
-    ablation = ablation_kl(analysis)
+    for name in mods:
+        out["geometric"][name] = _mean(analysis, "rho", name)
+        out["angular"][name] = _mean(analysis, "angular", name)
+        out["proximal"][name] = _tail(analysis, name, delta)
+        info, cka = analysis.measure("informational", name), analysis.measure("cka", name)
+        out["informational"][name] = info.mean if info is not None else None
+        out["cka"][name] = [1 - c for c in cka.mean] if cka is not None else None
+    lens = analysis.logit_lens("kl")
+    ablation = analysis.ablation_kl
     for name in mods:
         out["ablation_kl"][name] = ablation.get(name)
-    var = analysis["measures"].get("var")
+    var = analysis.var
     for name in mods:  # answer-position measures: one value per layer, the same whichever tokens are skipped
-        out["logit_lens"][name] = lens
-        out["var"][name] = var["var"]["mean"] if var and name == "vision" else [0.0] * len(analysis["layers"])
+        out["logit_lens"][name] = lens.mean if lens is not None else None
+        out["var"][name] = var.share.mean if var and name == "vision" else [0.0] * analysis.num_layers
     return out
 
 
-def predicted_damage(analysis: dict, plan: Plan) -> dict[str, float | None]:
+def predicted_damage(analysis: AnalysisResult, plan: Plan) -> dict[str, float | None]:
     """Per measure, the summed value of what `plan` removes: for a skipped layer, the token-weighted mean over the
     modalities; for a layer that vision tokens skip, the vision value (times the share pruned, for pruning). VAR
     counts the layers where text loses the vision keys (skipped, vision absent or pruned); for frozen vision layers
     text still reads them, so VAR adds nothing."""
-    values, mods = layer_values(analysis), modalities(analysis)
-    weight = {m: v["n_tokens"][0] for m, v in mods.items()}
+    analysis = as_result(analysis)
+    values = layer_values(analysis)
+    weight = {m: analysis.n_tokens(m) for m in analysis.modalities}
     total = sum(weight.values())
     out: dict[str, float | None] = {}
     for measure in MEASURES:
@@ -304,7 +314,7 @@ def predicted_damage(analysis: dict, plan: Plan) -> dict[str, float | None]:
     return out
 
 
-def is_safe(analysis: dict, plan: Plan, thresholds: Thresholds | None = None) -> bool:
+def is_safe(analysis: AnalysisResult, plan: Plan, thresholds: Thresholds | None = None) -> bool:
     """Whether every decision of `plan` meets its condition (module docstring) under `thresholds`."""
     costs = layer_costs(analysis, thresholds or Thresholds())
     m = plan.early_exit if plan.early_exit is not None else plan.num_layers - 1

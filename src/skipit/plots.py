@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from skipit.result import AnalysisResult, Series, VarProfile, as_result
+
 COLORS = {"vision": "tab:orange", "text": "tab:blue"}
 
 
@@ -34,16 +36,19 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def _line(ax, layers, stat: dict, label: str, color: str | None = None) -> bool:
-    """Plot mean (and its CI band when present); False when there is nothing finite to plot."""
-    mean = _arr(stat["mean"] if isinstance(stat, dict) else stat)
+def _line(ax, layers, stat: Series | list | None, label: str, color: str | None = None) -> bool:
+    """Plot mean (and its CI band when present); False when there is nothing (finite) to plot."""
+    if stat is None:
+        return False
+    series = stat if isinstance(stat, Series) else Series(list(stat))
+    mean = _arr(series.mean)
     if ax.get_yscale() == "log":  # zeros (an update that changes nothing) have no place on a log axis
         mean[mean <= 0] = np.nan
     if not np.isfinite(mean).any():
         return False
     ax.plot(layers, mean, marker="o", ms=3, label=label, color=color)
-    if isinstance(stat, dict) and "ci_low" in stat:
-        ax.fill_between(layers, _arr(stat["ci_low"]), _arr(stat["ci_high"]), alpha=0.2, color=color, lw=0)
+    if series.ci_low is not None and series.ci_high is not None:
+        ax.fill_between(layers, _arr(series.ci_low), _arr(series.ci_high), alpha=0.2, color=color, lw=0)
     return True
 
 
@@ -76,76 +81,72 @@ def _done(fig, drawn: bool, **legend):
     return None
 
 
-def _per_modality(result: dict, title: str, ylabel: str, pick, log: bool = False):
+def _per_modality(result: AnalysisResult, title: str, ylabel: str, pick, log: bool = False):
+    """One line per modality: pick(modality) -> Series, list or None (not measured)."""
     fig, ax = _figure(title, ylabel, log)
     drawn = False
-    for modality, entry in result["measures"]["hidden"]["modalities"].items():
-        stat = pick(entry, modality)
-        drawn |= stat is not None and _line(ax, result["layers"], stat, modality, COLORS.get(modality))
+    for modality in result.all_modalities:
+        drawn |= _line(ax, result.layers, pick(modality), modality, COLORS.get(modality))
     return _done(fig, drawn)
 
 
-def tail_delta(result: dict, near: float = 0.01) -> float:
+def tail_delta(result: AnalysisResult, near: float = 0.01) -> float:
     """The measured tail threshold delta closest to `near`."""
-    return min(result["settings"]["measure_config"]["tail_deltas"], key=lambda d: abs(d - near))
+    return min(as_result(result).tail_deltas, key=lambda d: abs(d - near))
 
 
-def measure_figures(result: dict, delta: float = 0.01) -> dict:
-    """{name: figure} for every measure present in `result` (analysis.json content), in a fixed order:
-    geometric, proximal (at the measured delta closest to `delta`), informational, cka, ablation_kl, lipschitz,
-    logit_lens (VAR: `var_figure`). The caller closes the figures (`matplotlib.pyplot.close`)."""
+def measure_figures(result: AnalysisResult, delta: float = 0.01) -> dict:
+    """{name: figure} for every measure present in `result`, in a fixed order: geometric, proximal (at the measured
+    delta closest to `delta`), informational, cka, ablation_kl, lipschitz, logit_lens (VAR: `var_figure`). The
+    caller closes the figures (`matplotlib.pyplot.close`)."""
+    result = as_result(result)
     delta = tail_delta(result, delta)
-    functional = result["measures"]["functional"]
-    ablation = functional.get("ablation") or {}
     figures = {
         "geometric": _per_modality(result, "Geometric: E[rho], rho = (1 - cos) / 2", "E[rho(X_j, X_j+1)]",
-                                   lambda e, m: e["geometric"]["rho"], log=True),
+                                   lambda m: result.measure("rho", m), log=True),
         "proximal": _per_modality(result, f"Proximal redundancy: P(rho > {delta:g})", "tail probability",
-                                  lambda e, m: e["proximal"]["tail"][str(delta)]),
-        "informational": _per_modality(
-            result, "Informational: H(X_j+1 | X_j) / H(X_j+1)", "normalised conditional entropy",
-            lambda e, m: e.get("informational", {}).get("score") and {
-                "mean": e["informational"]["score"], "ci_low": e["informational"]["ci_low"],
-                "ci_high": e["informational"]["ci_high"]}),
-        "cka": _per_modality(result, "Linear CKA(X_j, X_j+1) (debiased)", "CKA",
-                             lambda e, m: e.get("cka", {}).get("value")),
+                                  lambda m: result.tail(m, delta)),
+        "informational": _per_modality(result, "Informational: H(X_j+1 | X_j) / H(X_j+1)",
+                                       "normalised conditional entropy", lambda m: result.measure("informational", m)),
+        "cka": _per_modality(result, "Linear CKA(X_j, X_j+1) (debiased)", "CKA", lambda m: result.measure("cka", m)),
         "ablation_kl": _per_modality(result, "Ablation: KL(P_full || P_without j's update for m)", "KL (nats)",
-                                     lambda e, m: ablation.get(m, {}).get("kl"), log=True),
+                                     lambda m: result.ablation(m, "kl"), log=True),
     }  # fmt: skip
-    layers = result["layers"]
-    if ablation:
+    layers = result.layers
+    if result.ablated_modalities:
         fig, ax = _figure("Ablation gap E[TV] (solid), bound K_q0.9 E||update|| (dashed)", "TV", log=True)
         drawn = False
-        for m, entry in ablation.items():
-            if _line(ax, layers, entry["tv"], f"{m} gap", COLORS.get(m)):
+        for m in result.ablated_modalities:
+            if _line(ax, layers, result.ablation(m, "tv"), f"{m} gap", COLORS.get(m)):
                 drawn = True
-                bound = _arr(entry["lipschitz"]["q0.9"]["bound"])
+                bound = _arr(result.lipschitz_bound(m, "q0.9") or [None] * len(layers))
                 bound[bound <= 0] = np.nan
                 ax.plot(layers, bound, ls="--", color=COLORS.get(m), label=f"{m} bound (K at q0.9)")
         figures["lipschitz"] = _done(fig, drawn)
     fig, ax = _figure("Logit lens at the answer: KL(P(X_j+1) || P(X_j))", "KL (nats)", log=True)
-    figures["logit_lens"] = _done(fig, _line(ax, layers, functional["logit_lens"]["kl"], "answer position (text)",
+    figures["logit_lens"] = _done(fig, _line(ax, layers, result.logit_lens("kl"), "answer position (text)",
                                              COLORS["text"]))  # fmt: skip
     return {name: fig for name, fig in figures.items() if fig is not None}
 
 
-def var_figure(result: dict):
+def var_figure(result: AnalysisResult):
     """VAR and VAR normalised by the vision share of the keys (twin axis), or None for a text-only model."""
-    var = result["measures"].get("var")
+    result = as_result(result)
+    var: VarProfile | None = result.var
     if var is None:
         return None
     fig, ax = _figure("VAR: attention of text queries on vision keys", "share of attention")
-    drawn = _line(ax, result["layers"], var["var"], "VAR", "tab:purple")
-    if drawn:
+    drawn = _line(ax, result.layers, var.share, "VAR", "tab:purple")
+    if drawn and var.normalised is not None:
         ax2 = ax.twinx()
-        ax2.plot(result["layers"], _arr(var["var_normalised"]["mean"]), ls="--", color="tab:gray", label="normalised")
+        ax2.plot(result.layers, _arr(var.normalised.mean), ls="--", color="tab:gray", label="normalised")
         ax2.axhline(1.0, color="tab:gray", lw=0.5)
         ax2.set_ylabel("VAR / vision share of keys (dashed)")
     return _done(fig, drawn, loc="upper right")
 
 
-def plot_analysis(result: dict, out_dir: str | Path) -> list[Path]:
-    """Write the PNGs of every measure present in `result` (analysis.json content) to out_dir."""
+def plot_analysis(result: AnalysisResult, out_dir: str | Path) -> list[Path]:
+    """Write the PNGs of every measure present in `result` to out_dir."""
     plt = _pyplot()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

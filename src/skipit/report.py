@@ -20,6 +20,7 @@ from pathlib import Path
 from skipit.errors import SkipitError
 from skipit.io import write_text
 from skipit.plots import _arr, _line, _pyplot, measure_figures, tail_delta
+from skipit.result import AnalysisResult, VarProfile
 
 REPORT = "report.html"
 PROXIMAL_DELTA = 0.05
@@ -47,7 +48,7 @@ class Run:
     """What a run folder holds; a missing or unreadable optional file leaves its note instead."""
 
     dir: Path
-    analysis: dict
+    analysis: AnalysisResult
     plan: object | None = None  # skipit.plan.Plan
     sweep: dict | None = None
     notes: dict = field(default_factory=dict)  # "plan" / "sweep" -> why it is not shown
@@ -75,10 +76,7 @@ def load_run(run_dir: str | Path) -> Run:
     path = run_dir / "analysis.json"
     if not path.is_file():
         raise SkipitError(f"no analysis.json in {run_dir}: run skipit analyze first")
-    analysis = _read_json(path)
-    if analysis.get("format") != "skipit-analysis" or "measures" not in analysis or "layers" not in analysis:
-        raise SkipitError(f"{path} is not a skipit analysis (expected \"format\": \"skipit-analysis\")")
-    run = Run(run_dir, analysis)
+    run = Run(run_dir, AnalysisResult.load(path))
     plan_path = run_dir / "plan.json"
     if not plan_path.is_file():
         run.notes["plan"] = "No plan.json in the run folder yet (skipit plan writes it): no bands, no plan table."
@@ -246,16 +244,18 @@ def _shade(fig, bands: dict, num_layers: int) -> None:
     ax.legend(handles, labels, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
 
 
-def _var_figure(var: dict, layers: list, ci: str):
+def _var_figure(var: VarProfile, layers: list, ci: str):
+    if var.normalised is None:
+        raise ValueError("no var_normalised")
     fig, axes = _pyplot().subplots(2, 1, figsize=(10.0, 5.2), sharex=True, layout="constrained")
     raw, norm = axes
     raw.set_title("VAR: share of the text queries' attention on vision keys", fontsize=10)
-    _line(raw, layers, var["var"], f"VAR ({ci} CI)", "tab:purple")
-    if var.get("expected_share"):
-        raw.plot(layers, _arr(var["expected_share"]), ls=":", color="tab:gray", label="vision share of keys")
+    _line(raw, layers, var.share, f"VAR ({ci} CI)", "tab:purple")
+    if var.expected_share:
+        raw.plot(layers, _arr(var.expected_share), ls=":", color="tab:gray", label="vision share of keys")
     raw.set_ylabel("share of attention")
     raw.legend(fontsize=7)
-    _line(norm, layers, var["var_normalised"], f"VAR / vision share of keys ({ci} CI)", "tab:purple")
+    _line(norm, layers, var.normalised, f"VAR / vision share of keys ({ci} CI)", "tab:purple")
     norm.axhline(1.0, color="tab:gray", lw=0.8, ls="--", label="uniform attention")
     norm.set_ylabel("normalised VAR")
     norm.set_xlabel("decoder layer j (maps X_j to X_j+1)")
@@ -268,17 +268,21 @@ def _var_figure(var: dict, layers: list, ci: str):
 # ------------------------------------------------------------------------------------------------------- sections
 
 
+def _or(x, default: str):
+    return default if x is None else x
+
+
 def _header(run: Run) -> str:
     a = run.analysis
-    model, data = a.get("model", {}), a.get("data", {})
+    model, data = a.model, a.data
     found = [name for name in ("analysis.json", "plan.json", "sweep.json") if (run.dir / name).is_file()]
     rows = [
-        ["model", f"{_e(model.get('path', '–'))} <span class='dim'>({_e(model.get('class', '?'))}, "
-                  f"{_e(model.get('num_layers', len(a['layers'])))} decoder layers, fingerprint "
-                  f"{_e(model.get('fingerprint', '?'))})</span>"],
-        ["calibration data", f"{_e(data.get('path', '–'))} <span class='dim'>({_e(data.get('n_records', '?'))} "
+        ["model", f"{_e(_or(model.path, '–'))} <span class='dim'>({_e(_or(model.class_name, '?'))}, "
+                  f"{_e(_or(model.num_layers, a.num_layers))} decoder layers, fingerprint "
+                  f"{_e(_or(model.fingerprint, '?'))})</span>"],
+        ["calibration data", f"{_e(_or(data.path, '–'))} <span class='dim'>({_e(_or(data.n_records, '?'))} "
                              "records)</span>"],
-        ["analysis created", _e(a.get("created", "–"))],
+        ["analysis created", _e(_or(a.created, "–"))],
         ["inputs found", _e(", ".join(found))],
     ]  # fmt: skip
     data = (run.sweep or {}).get("data")
@@ -290,7 +294,7 @@ def _header(run: Run) -> str:
 
 def _measures_section(run: Run, charts: _Charts) -> str:
     a = run.analysis
-    L = len(a["layers"])
+    L = a.num_layers
     bands = plan_bands(run.plan, L)
     parts = []
     if "plan" in run.notes:
@@ -309,7 +313,7 @@ def _measures_section(run: Run, charts: _Charts) -> str:
             parts.append(_note(f"The analysis has no tail at delta {PROXIMAL_DELTA}; the proximal chart uses "
                                f"{delta:g}."))  # fmt: skip
         figures = measure_figures(a, PROXIMAL_DELTA)
-    except (KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
         return "".join(parts) + _note(f"analysis.json lacks what the per-layer charts need ({e!r}).")
     for name in MEASURES:
         if name in figures:
@@ -324,15 +328,15 @@ def _measures_section(run: Run, charts: _Charts) -> str:
 
 
 def _var_section(run: Run, charts: _Charts) -> str:
-    var = run.analysis["measures"].get("var")
-    if not var:
+    var = run.analysis.var
+    if var is None:
         return _note("No VAR in this analysis (a text-only model has no vision keys).")
-    L = len(run.analysis["layers"])
-    level = _num(run.analysis.get("settings", {}).get("measure_config", {}).get("ci_level"))
+    L = run.analysis.num_layers
+    level = run.analysis.ci_level
     ci = f"{level:.0%}" if level is not None else "bootstrap"
     try:
-        fig = _var_figure(var, run.analysis["layers"], ci)
-    except (KeyError, TypeError, ValueError) as e:
+        fig = _var_figure(var, run.analysis.layers, ci)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
         return _note(f"The VAR entry of analysis.json is incomplete ({e!r}).")
     _shade(fig, plan_bands(run.plan, L), L)
     return charts.svg(fig, f"Text queries = the prompt's text tokens; {ci} bootstrap CI over examples.")
@@ -343,10 +347,10 @@ def _plan_section(run: Run) -> str:
     if plan is None:
         return _note(run.notes.get("plan", "No plan."))
     parts = []
-    model = run.analysis.get("model", {})
-    if model.get("fingerprint") and model["fingerprint"] != plan.fingerprint:
+    fingerprint = run.analysis.model.fingerprint
+    if fingerprint and fingerprint != plan.fingerprint:
         parts.append(_note(f"This plan was made for other weights (fingerprint {plan.fingerprint}, the analysis has "
-                           f"{model['fingerprint']})."))  # fmt: skip
+                           f"{fingerprint})."))  # fmt: skip
     L, k, m = plan.num_layers, plan.late_entry, plan.early_exit
     decisions = [
         ["late entry", f"k = {k}" + (f": vision tokens {plan.late_entry_mode} in layers {_layers(range(k))}"
@@ -622,8 +626,7 @@ def render(run: Run) -> str:
 
     n_charts = sum(text.count('<figure class="chart">') for text in body.values())
 
-    model = run.analysis.get("model", {})
-    title = f"skipit report: {Path(str(model.get('path', run.dir))).name}"
+    title = f"skipit report: {Path(str(_or(run.analysis.model.path, run.dir))).name}"
     nav = "".join(f'<a href="#{key}">{_e(name)}</a>' for key, name in SECTIONS)
     sections = "".join(f'<section id="{key}"><h2>{_e(name)}</h2>{body[key]}</section>' for key, name in SECTIONS)
     return f"""<!DOCTYPE html>

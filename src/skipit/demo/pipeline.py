@@ -35,7 +35,7 @@ def run(run_dir: str | Path, config: DemoConfig | None = None, model_path: str |
     """Run (or resume) the demo in `run_dir`; returns the headline numbers."""
     from skipit.analysis import Analysis, analyze
     from skipit.evaluation import sweep
-    from skipit.planner import ablation_kl, make_plan
+    from skipit.planner import make_plan
     from skipit.report import write_report
 
     config = config or DemoConfig()
@@ -51,7 +51,7 @@ def run(run_dir: str | Path, config: DemoConfig | None = None, model_path: str |
     # 1. analyze
     if (run_dir / "analysis.json").is_file():
         analysis = Analysis.load(run_dir).result
-        if analysis["model"]["fingerprint"] != fingerprint(model):
+        if analysis.model.fingerprint != fingerprint(model):
             raise SkipitError(f"{run_dir} holds a run of another model: choose another --out")
     else:
         with progress("ex") as bar:
@@ -62,7 +62,7 @@ def run(run_dir: str | Path, config: DemoConfig | None = None, model_path: str |
                                on_batch=lambda n: bar.advance(task, n)).result  # fmt: skip
     # 2. plan
     # the conditions' bands, plus vision tokens frozen where the functional (or, without it, geometric) test allows
-    functional = "vision" in ablation_kl(analysis)
+    functional = "vision" in analysis.ablation_kl
     plan = make_plan(analysis, functional=True) if functional else make_plan(analysis, freeze_vision=True)
     if plan.is_empty:  # nothing meets the default conditions: take the cheapest 20 % instead, and say so
         console.print("no layer meets the default conditions; planning the cheapest 20 % of FLOPs instead")
