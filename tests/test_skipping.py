@@ -15,19 +15,36 @@ import torch
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
+    AyaVisionConfig,
+    AyaVisionForConditionalGeneration,
     CLIPVisionConfig,
+    Cohere2Config,
     Idefics3Config,
     Idefics3ForConditionalGeneration,
+    InternVLConfig,
+    InternVLForConditionalGeneration,
     LlamaConfig,
     LlamaForCausalLM,
     LlavaConfig,
     LlavaForConditionalGeneration,
     LlavaNextConfig,
     LlavaNextForConditionalGeneration,
+    LlavaOnevisionConfig,
+    LlavaOnevisionForConditionalGeneration,
+    Mistral3Config,
+    Mistral3ForConditionalGeneration,
+    MistralConfig,
+    PixtralVisionConfig,
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
+    Qwen2Config,
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
+    Qwen3VLConfig,
+    Qwen3VLForConditionalGeneration,
+    SiglipVisionConfig,
+    SmolVLMConfig,
+    SmolVLMForConditionalGeneration,
 )
 
 from skipit import compat
@@ -48,8 +65,11 @@ QWEN_TEXT = dict(TEXT, rope_parameters={"rope_type": "default", "rope_theta": 10
 QWEN_IDS = dict(image_token_id=IMAGE, video_token_id=VIDEO, vision_start_token_id=V_START, vision_end_token_id=V_END)
 FAMILIES = ["llama", "llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "idefics3"]
 OTHER_CAUSAL_LMS = ["qwen2", "qwen3", "gemma", "phi3", "smollm3"]  # model_type; text only, like "llama"
-VLMS = FAMILIES[1:]
-QWEN_VL = ("qwen2_vl", "qwen2_5_vl")
+# VLMs served by the generic adapter with no family code, tested in test_families.py (same machinery as here)
+GENERIC_VLMS = ["llava_onevision", "smolvlm", "internvl", "mistral3", "aya_vision"]
+VLMS = [*FAMILIES[1:], *GENERIC_VLMS, "qwen3_vl"]
+QWEN_VL = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+SIGLIP = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -89,6 +109,38 @@ def build(family: str):
                       window_size=8, fullatt_block_indexes=[0])  # fmt: skip
         config = Qwen2_5_VLConfig(text_config=QWEN_TEXT, vision_config=vision, **QWEN_IDS)
         model = Qwen2_5_VLForConditionalGeneration(config)
+    elif family == "llava_onevision":
+        config = LlavaOnevisionConfig(
+            vision_config=SiglipVisionConfig(**SIGLIP, image_size=8, patch_size=4), text_config=Qwen2Config(**TEXT),
+            image_token_id=IMAGE, video_token_id=VIDEO, image_grid_pinpoints=[[8, 16], [16, 8], [16, 16]],
+        )  # fmt: skip
+        model = LlavaOnevisionForConditionalGeneration(config)
+    elif family == "smolvlm":
+        config = SmolVLMConfig(vision_config=dict(SIGLIP, image_size=8, patch_size=2), text_config=LlamaConfig(**TEXT),
+                               image_token_id=IMAGE)  # fmt: skip
+        model = SmolVLMForConditionalGeneration(config)
+    elif family == "internvl":
+        config = InternVLConfig(vision_config=dict(SIGLIP, image_size=8, patch_size=2), text_config=Qwen2Config(**TEXT),
+                                image_token_id=IMAGE)  # fmt: skip
+        model = InternVLForConditionalGeneration(config)
+    elif family == "mistral3":  # sliding window off, as in Mistral Small 3.1
+        config = Mistral3Config(
+            vision_config=PixtralVisionConfig(**SIGLIP, image_size=16, patch_size=4, head_dim=8),
+            text_config=MistralConfig(**TEXT, sliding_window=None, head_dim=8), image_token_id=IMAGE,
+        )  # fmt: skip
+        model = Mistral3ForConditionalGeneration(config)
+    elif family == "aya_vision":  # Cohere2 text with every layer full attention (no sliding window)
+        text = Cohere2Config(**TEXT, head_dim=8, layer_types=["full_attention"] * TEXT["num_hidden_layers"])
+        config = AyaVisionConfig(vision_config=SiglipVisionConfig(**SIGLIP, image_size=8, patch_size=2),
+                                 text_config=text, image_token_id=IMAGE)  # fmt: skip
+        model = AyaVisionForConditionalGeneration(config)
+    elif family == "qwen3_vl":  # DeepStack: features of vision levels 0 and 1 added after decoder layers 0 and 1
+        rope = dict(QWEN_TEXT["rope_parameters"], mrope_interleaved=True)
+        vision = dict(depth=2, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=32, patch_size=2,
+                      deepstack_visual_indexes=[0, 1], num_position_embeddings=64)  # fmt: skip
+        text = dict(TEXT, head_dim=8, rope_parameters=rope)
+        config = Qwen3VLConfig(text_config=text, vision_config=vision, **QWEN_IDS)
+        model = Qwen3VLForConditionalGeneration(config)
     else:
         vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=8,
                       patch_size=2)  # fmt: skip
@@ -121,6 +173,24 @@ def make_inputs(family: str, batch: int) -> dict:
     elif family == "idefics3":
         extra["pixel_values"] = torch.randn(batch, 1, 3, 8, 8, generator=gen)
         counts = [4] * batch  # (8 / 2)^2 patches, 2 x 2 pixel shuffle
+    elif family == "llava_onevision":
+        sizes = torch.tensor([[8, 16], [16, 16], [16, 8], [8, 8]][:batch])
+        extra.update(pixel_values=torch.randn(batch, 5, 3, 8, 8, generator=gen), image_sizes=sizes)
+        feats = model.model.get_image_features(pixel_values=extra["pixel_values"], image_sizes=sizes).pooler_output
+        counts = [f.shape[0] for f in feats]
+    elif family == "smolvlm":  # odd rows carry a second image; all-zero images are padding, which SmolVLM drops
+        images = torch.randn(batch, 2, 3, 8, 8, generator=gen)
+        images[::2, 1] = 0
+        extra["pixel_values"] = images
+        counts = [4 * (1 + b % 2) for b in range(batch)]
+    elif family in ("internvl", "aya_vision"):  # odd rows' image has two tiles
+        tiles = [1 + b % 2 for b in range(batch)]
+        extra["pixel_values"] = torch.randn(sum(tiles), 3, 8, 8, generator=gen)
+        counts = [4 * n for n in tiles]  # (8 / 2)^2 patches per tile, 2 x 2 pixel shuffle
+    elif family == "mistral3":
+        sizes = torch.tensor([[16, 16], [8, 16], [16, 8], [8, 8]][:batch])
+        extra.update(pixel_values=torch.randn(batch, 3, 16, 16, generator=gen), image_sizes=sizes)
+        counts = (sizes // 8).prod(-1).tolist()  # 4 x 4 patches, 2 x 2 spatial merge
 
     def text(n: int) -> list[int]:
         return torch.randint(3, 88, (n,), generator=gen).tolist()  # clear of pad (0) and the special ids
@@ -216,9 +286,12 @@ def last_token_attention(layer, x, pe, rows) -> torch.Tensor:
     return weights[0, :, -1].mean(0)
 
 
-def reference_logits(model, plan: Plan, x0, pe, vision, kept=None):
+def reference_logits(model, plan: Plan, x0, pe, vision, kept=None, inject=None):
     """Logits of one sequence (its real tokens only) under `plan`, computed layer by layer from scratch, and the
-    vision tokens pruning kept (pass them back in to continue a generation: they are chosen on the prompt)."""
+    vision tokens pruning kept (pass them back in to continue a generation: they are chosen on the prompt).
+
+    inject[j] (n_vision, D), where given, is added to the vision tokens' states after layer j, whatever the layer did
+    with them (Qwen3-VL's DeepStack)."""
     adapter = get_adapter(model)
     x, n = x0.clone(), x0.shape[0]
     everyone, text = torch.arange(n), torch.nonzero(~vision)[:, 0]
@@ -237,6 +310,8 @@ def reference_logits(model, plan: Plan, x0, pe, vision, kept=None):
         elif role == "pruned":  # only the kept vision tokens are in this layer's sequence
             rows = torch.cat([text, kept]).sort().values if kept is not None else text
             x[rows] = run_layer(layer, x, pe, rows)
+        if inject is not None and j < len(inject):
+            x[vision] = x[vision] + inject[j]
     return adapter.lm_head(adapter.final_norm(x)), kept
 
 

@@ -4,7 +4,9 @@ through the family adapter, read what the unmodified forward computes.
 
 Named hook points (decoder layers 0..L-1, layer j maps X_j to X_{j+1}):
 - `layers.0.resid_pre`: forward pre-hook on layer 0, X_0 (the input embeddings, vision features included);
-- `layers.{j}.resid_post`: forward hook on layer j, X_{j+1}: the raw residual stream, before the final norm;
+- `layers.{j}.resid_post`: forward hook on layer j, X_{j+1}: the raw residual stream, before the final norm; where
+  the model writes into the stream between layers j and j+1 (Qwen3-VL's DeepStack, `Adapter.injected_after`),
+  a forward pre-hook on layer j+1 instead, so that X_{j+1} is what layer j+1 reads, injection included;
 - `layers.{j}.attn_weights`: forward hook on layer j's attention module, its weights [B, H, Q, K]. Attention
   modules return weights only under eager attention, so a `Calibrator` switches the language backbone to eager
   while it is open and restores the previous implementation on exit (inference keeps SDPA).
@@ -54,11 +56,20 @@ def hooks(
     def pre(module, args, kwargs):
         on_hidden(0, args[0] if args else kwargs["hidden_states"])
 
+    def next_input(j):
+        def hook(module, args, kwargs):
+            on_hidden(j + 1, args[0] if args else kwargs["hidden_states"])
+        return hook
+
     handles = {"layers.0.resid_pre": layers[0].register_forward_pre_hook(pre, with_kwargs=True)}
     try:
         for j, layer in enumerate(layers):
-            handles[f"layers.{j}.resid_post"] = layer.register_forward_hook(
-                lambda module, args, output, j=j: on_hidden(j + 1, _first(output)))
+            if j in adapter.injected_after and j + 1 < len(layers):  # X_{j+1} after the injection
+                handles[f"layers.{j}.resid_post"] = layers[j + 1].register_forward_pre_hook(next_input(j),
+                                                                                            with_kwargs=True)
+            else:
+                handles[f"layers.{j}.resid_post"] = layer.register_forward_hook(
+                    lambda module, args, output, j=j: on_hidden(j + 1, _first(output)))
             if on_attention is not None:
                 attention = adapter.attention_parts(layer)[1]
                 handles[f"layers.{j}.attn_weights"] = attention.register_forward_hook(
@@ -94,6 +105,19 @@ class Calibrator:
         if applied_plan(model) is not None:
             raise SkipitError("remove the skip plan (skipit.remove_plan) before measuring the model")
         self.model, self.adapter, self.attention, self.logit_lens = model, get_adapter(model), attention, logit_lens
+        if ablation and self.adapter.injected_after:
+            # X_j is read after the injection, so rerunning layers j..L-1 from it (the ablation's fast path) would
+            # leave out the later injections; refused until the ablation checks for them
+            raise SkipitError(
+                f"ablation is not supported on {type(model).__name__}: the model adds features into the residual "
+                f"stream after layers {sorted(self.adapter.injected_after)} (DeepStack); measure with ablation=False"
+            )
+        if attention and (bare := [j for j, layer in enumerate(self.adapter.layers)
+                                   if not isinstance(getattr(layer, "self_attn", None), nn.Module)]):  # fmt: skip
+            raise SkipitError(
+                f"attention statistics need softmax attention in every decoder layer; layers {bare} of "
+                f"{type(model).__name__} have none (hybrid linear attention): measure with attention=False"
+            )
         self.config = config or StatsConfig()
         n_layers = self.adapter.num_layers
         self.layer_stats = LayerStats(n_layers, self.adapter.hidden_size, MODALITIES, self.config)

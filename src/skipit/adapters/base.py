@@ -35,10 +35,12 @@ from skipit.errors import SkipitError
 # the keys, as their forward does), so that frozen vision tokens cost the k and v projections only; any other class
 # runs its whole attention on them and the output is thrown away. Each was read against LlamaAttention's forward:
 # Qwen2 differs only by projection biases (in the Linear modules) and a sliding window (refused when set), Mistral
-# only by the sliding window.
-KEYS_VALUES_ONLY = frozenset(
-    {"LlamaAttention", "Qwen2VLAttention", "Qwen2_5_VLAttention", "Qwen2Attention", "MistralAttention"}
-)
+# only by the sliding window, Qwen3 and Qwen3-VL by a per-head RMSNorm of queries and keys (`q_norm`, `k_norm`,
+# applied before the heads are transposed, as `_heads` does).
+KEYS_VALUES_ONLY = frozenset({
+    "LlamaAttention", "Qwen2VLAttention", "Qwen2_5_VLAttention", "Qwen2Attention", "MistralAttention",
+    "Qwen3Attention", "Qwen3VLTextAttention", "Qwen3VLMoeTextAttention",
+})  # fmt: skip
 
 # Where the text decoder (the module owning `layers` and `norm`) sits, relative to the model, first match wins:
 # VLMs with a base model (LLaVA, Qwen-VL, InternVL, Mistral3, ...), Idefics3/SmolVLM, causal LMs, and VLMs that wrap a
@@ -195,6 +197,15 @@ class Adapter:
         return tuple(t.expand(index.shape[0], *t.shape[1:])[rows, index] for t in position_embeddings)
 
     @staticmethod
+    def _heads(attention: nn.Module, projected: torch.Tensor, norm: str) -> torch.Tensor:
+        """(batch, heads, seq, head_dim) from a q or k projection (batch, seq, heads * head_dim), normed per head
+        where the attention class norms them (`q_norm` / `k_norm`)."""
+        x = projected.view(*projected.shape[:-1], -1, attention.head_dim)
+        if isinstance(getattr(attention, norm, None), nn.Module):
+            x = getattr(attention, norm)(x)
+        return x.transpose(1, 2)
+
+    @staticmethod
     def attention_parts(layer: nn.Module) -> tuple[nn.Module, nn.Module]:
         """(pre-attention norm, self-attention) of a decoder layer: enough to cache keys/values of frozen tokens."""
         try:
@@ -216,12 +227,20 @@ class Adapter:
         if type(attention).__name__ not in KEYS_VALUES_ONLY:
             attention(hidden_states=x, **kwargs)
             return
-        shape = (*x.shape[:-1], -1, attention.head_dim)
-        keys = attention.k_proj(x).view(shape).transpose(1, 2)
-        values = attention.v_proj(x).view(shape).transpose(1, 2)
+        keys = self._heads(attention, attention.k_proj(x), "k_norm")
+        values = attention.v_proj(x).view(*x.shape[:-1], -1, attention.head_dim).transpose(1, 2)
         rotary = sys.modules[type(attention).__module__].apply_rotary_pos_emb
         _, keys = rotary(keys[:, :0], keys, *kwargs["position_embeddings"])  # no queries needed
         compat.get_cache(kwargs).update(keys, values, attention.layer_idx)
+
+    def check_ranking(self, layer: nn.Module) -> None:
+        """Refuse pruning by `layer`'s attention unless `last_query_attention` reproduces its attention class."""
+        attention = self.attention_parts(layer)[1]
+        if type(attention).__name__ not in KEYS_VALUES_ONLY:
+            raise SkipitError(
+                f"pruning vision tokens by attention is not supported for {type(attention).__name__} "
+                f"(supported: {', '.join(sorted(KEYS_VALUES_ONLY))})"
+            )
 
     def last_query_attention(self, layer: nn.Module, hidden: torch.Tensor, position_embeddings, valid: torch.Tensor,
                              last: torch.Tensor) -> torch.Tensor:  # fmt: skip
@@ -232,16 +251,12 @@ class Adapter:
         `KEYS_VALUES_ONLY` do; so the layer itself keeps running under SDPA, which does not return weights.
         """
         norm, attention = self.attention_parts(layer)
-        if type(attention).__name__ not in KEYS_VALUES_ONLY:
-            raise SkipitError(
-                f"pruning vision tokens by attention is not supported for {type(attention).__name__} "
-                f"(supported: {', '.join(sorted(KEYS_VALUES_ONLY))})"
-            )
+        self.check_ranking(layer)
         rows = torch.arange(hidden.shape[0], device=hidden.device)
         x = norm(hidden)
         d = attention.head_dim
-        query = attention.q_proj(x[rows, last]).view(len(rows), -1, 1, d)  # (batch, heads, 1, d)
-        keys = attention.k_proj(x).view(*x.shape[:-1], -1, d).transpose(1, 2)  # (batch, kv heads, seq, d)
+        query = self._heads(attention, attention.q_proj(x[rows, last][:, None]), "q_norm")  # (batch, heads, 1, d)
+        keys = self._heads(attention, attention.k_proj(x), "k_norm")  # (batch, kv heads, seq, d)
         cos, sin = (t.expand(len(rows), *t.shape[1:]) for t in position_embeddings)
         rotary = sys.modules[type(attention).__module__].apply_rotary_pos_emb
         query, _ = rotary(query, query[:, :0], cos[rows, last][:, None], sin[rows, last][:, None])

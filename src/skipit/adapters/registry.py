@@ -28,10 +28,13 @@ class Family:
     refused: str | None = None  # why non-empty skip plans are refused on every model of the family
 
     def label(self) -> str:
-        return self.name if self.kind == VLM else f"{self.name}s ({', '.join(self.model_types)})"
+        if self.kind == VLM or self.refused:
+            return self.name
+        return f"{self.name}s ({', '.join(self.model_types)})"
 
 
 BIDIRECTIONAL = "image tokens attend to each other bidirectionally (token_type_ids), a mask skip plans do not reproduce"
+LINEAR = "it has hybrid linear-attention layers (a recurrent state over every token, not per-token keys)"
 FAMILIES: tuple[Family, ...] = (
     Family("LLaVA", ("llava",)),
     Family("LLaVA-NeXT", ("llava_next",)),
@@ -48,8 +51,8 @@ FAMILIES: tuple[Family, ...] = (
     Family("PaliGemma", ("paligemma",), refused="its prefix (image and prompt) attends bidirectionally "
                                                 "(token_type_ids), a mask skip plans do not reproduce"),
     Family("Llama 4", ("llama4",), refused="it has chunked attention layers and complex rotary (freqs_cis)"),
-    Family("Qwen3.5", ("qwen3_5", "qwen3_5_moe"),
-           refused="it has hybrid linear-attention layers (a recurrent state over every token, not per-token keys)"),
+    Family("Qwen3.5", ("qwen3_5", "qwen3_5_moe"), refused=LINEAR),
+    Family("Qwen3.5 text", ("qwen3_5_text", "qwen3_5_moe_text"), kind=CAUSAL_LM, refused=LINEAR),
     Family("causal LM", ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "smollm3"),
            kind=CAUSAL_LM),
 )

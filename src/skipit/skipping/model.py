@@ -124,7 +124,7 @@ def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
             "load the model with attn_implementation='sdpa'"
         )
     if not plan.is_empty:  # an empty plan passes every call straight through: exact on the layers it serves
-        _check_supported(model, adapter)
+        _check_supported(model, adapter, plan)
     runtime = PlanRuntime(model, adapter, plan)
     layers = adapter.layers
     for j, role in enumerate(plan.roles()):
@@ -140,7 +140,7 @@ def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
     return model
 
 
-def _check_supported(model: nn.Module, adapter: Adapter) -> None:
+def _check_supported(model: nn.Module, adapter: Adapter, plan: Plan) -> None:
     """One line saying why a non-empty plan cannot run exactly on `model`, if it cannot."""
     name = type(model).__name__
     if why := family_refusal(adapter):
@@ -149,6 +149,8 @@ def _check_supported(model: nn.Module, adapter: Adapter) -> None:
         raise SkipitError(
             f"{name} has sliding-window attention layers, which skip plans do not support (their cache drops old keys)"
         )
+    if plan.prune_vision_after is not None:  # FastV ranks vision tokens by weights computed beside the layer
+        adapter.check_ranking(adapter.layers[plan.prune_vision_after])
     generation = getattr(model, "generation_config", None)
     if getattr(generation, "cache_implementation", None) not in (None, "dynamic"):
         raise SkipitError(

@@ -1,0 +1,302 @@
+"""Families beyond test_skipping's, on tiny random configs, with the same machinery (test_skipping's slow reference
+re-implementation of every plan mode, prefill and decoding, batch 4 with left padding and rows with different numbers
+of vision tokens), plus the native check: a plan that skips layer j equals the untouched model whose layer j returns
+its input (the model's own masks, positions and injections). And the refusals: what skipit cannot run exactly
+fails at once with one line saying why.
+"""
+
+from __future__ import annotations
+
+import pytest
+import test_skipping as ts
+import torch
+from test_skipping import GENERIC_VLMS, IMAGE, PLANS, TEXT, build, make_inputs, one_thread  # noqa: F401
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    Gemma3Config,
+    Gemma3ForConditionalGeneration,
+    GemmaConfig,
+    GPT2Config,
+    GPT2LMHeadModel,
+    PaliGemmaConfig,
+    PaliGemmaForConditionalGeneration,
+    SiglipVisionConfig,
+)
+
+from skipit import compat
+from skipit.adapters import FAMILIES, get_adapter
+from skipit.capture import Calibrator, hooks
+from skipit.errors import SkipitError
+from skipit.plan import Plan
+from skipit.skipping import apply_plan, remove_plan
+from skipit.stats import StatsConfig
+
+NEW_FAMILIES = [*GENERIC_VLMS, "qwen3_vl"]
+NAMES = {"llava_onevision": "LLaVA-OneVision", "smolvlm": "SmolVLM", "internvl": "InternVL", "mistral3": "Mistral3",
+         "aya_vision": "Aya Vision", "qwen3_vl": "Qwen3-VL"}  # fmt: skip
+STEPS = 8
+CONFIG = StatsConfig(n_bootstrap=16, sketch_size=64)
+
+
+def _deepstack(model, inputs: dict):
+    """The DeepStack features the untouched model adds after layers 0, 1, ... ([n_vision, D] each, row-major over
+    the batch's vision tokens) for `inputs`."""
+    grabbed = {}
+
+    def grab(module, args, kwargs):
+        grabbed["embeds"] = kwargs.get("deepstack_visual_embeds")
+        raise ts._Stop
+
+    handle = get_adapter(model).backbone.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        model(**inputs, use_cache=False)
+    except ts._Stop:
+        pass
+    finally:
+        handle.remove()
+    return grabbed["embeds"]
+
+
+def deepstack_reference_run(model, plan, family, full: dict, width: int, steps: int):
+    """test_skipping.reference_run with the DeepStack injection: after layer j the row's vision tokens gain feature
+    j, whatever the plan made layer j do with them."""
+    x0, pe = ts.layer_inputs(model, ts.with_positions(family, full))
+    embeds = _deepstack(model, full)
+    pe = tuple(t.expand(x0.shape[0], *t.shape[1:]) for t in pe)
+    vision = full["input_ids"] == IMAGE
+    starts = torch.cat([torch.zeros(1, dtype=torch.long), vision.sum(1).cumsum(0)])
+    prompts, decoded = [], torch.zeros(steps, x0.shape[0], ts.VOCAB)
+    for b in range(x0.shape[0]):
+        kept, inject = None, [e[starts[b] : starts[b + 1]] for e in embeds]
+        for s in range(steps):
+            keep = full["attention_mask"][b, : width + s].bool()
+            pe_b = tuple(t[b, : width + s][keep] for t in pe)
+            logits, kept = ts.reference_logits(
+                model, plan, x0[b, : width + s][keep], pe_b, vision[b, : width + s][keep], kept, inject
+            )  # fmt: skip
+            prompts += [logits] if s == 0 else []
+            decoded[s, b] = logits[-1]
+    return prompts, decoded
+
+
+def check(family: str, plan: Plan, monkeypatch, steps: int = STEPS):
+    if family == "qwen3_vl":
+        monkeypatch.setattr(ts, "reference_run", deepstack_reference_run)
+    return ts.check_against_reference(family, plan, make_inputs(family, 4), steps=steps)
+
+
+@pytest.mark.parametrize("family", NEW_FAMILIES)
+def test_generic_adapter_finds_the_layout(family):
+    model, inputs = build(family), make_inputs(family, 4)
+    adapter = get_adapter(model)
+    assert adapter.family == NAMES[family] and adapter.num_layers == TEXT["num_hidden_layers"]
+    assert adapter.lm_head is model.lm_head and adapter.layers is adapter.backbone.layers
+    assert IMAGE in adapter.vision_token_ids() and "pixel_values" in adapter.pixel_inputs
+    vision = adapter.vision_mask(inputs["input_ids"], inputs)
+    assert torch.equal(vision, inputs["input_ids"] == IMAGE)
+    assert (vision.sum(1).unique().numel() > 1) or family == "llava_onevision" or family == "mistral3"
+    assert adapter.vision_mask(inputs["input_ids"], {}) is None  # no pixels in the call: every token is text
+
+
+def test_one_registry_for_loading_and_adapters():
+    from skipit import models
+
+    types = [t for f in FAMILIES for t in f.model_types]
+    assert len(types) == len(set(types))
+    assert not hasattr(models, "VLM_FAMILIES") and not hasattr(models, "CAUSAL_LM_TYPES")
+    for family in NEW_FAMILIES:
+        assert build(family).config.model_type in types
+
+
+@pytest.mark.parametrize("family", NEW_FAMILIES)
+def test_empty_plan_changes_nothing(family):
+    ts.test_empty_plan_changes_nothing(family, 4)
+
+
+@pytest.mark.parametrize("name", list(PLANS))
+@pytest.mark.parametrize("family", NEW_FAMILIES)
+def test_plan_matches_reference(family, name, monkeypatch):
+    model = build(family)
+    plan = Plan.for_model(model, **PLANS[name])
+    if plan.prune_vision_after is not None and family == "aya_vision":  # Cohere2's attention: no ranking beside it
+        with pytest.raises(SkipitError, match="pruning vision tokens by attention is not supported for Cohere2"):
+            apply_plan(model, plan)
+        return
+    assert check(family, plan, monkeypatch) > 1e-2, "the plan should change the outputs, or the test proves nothing"
+
+
+@pytest.mark.parametrize("family", NEW_FAMILIES)
+def test_skipping_a_layer_equals_an_identity_layer(family, monkeypatch):
+    """Native check: no reference of ours, the model's own masks, positions (M-RoPE) and injections (DeepStack)."""
+    model, inputs = build(family), make_inputs(family, 4)
+    # Qwen3-VL: a layer whose output receives a DeepStack injection (not layer 0: transformers reads positions off
+    # layer 0's cache, which an identity layer 0 leaves empty)
+    j = 1 if family == "qwen3_vl" else 2
+    with torch.no_grad():
+        apply_plan(model, Plan.for_model(model, skip_layers=[j]))
+        try:
+            planned = ts.generate(model, inputs, steps=STEPS)
+        finally:
+            remove_plan(model)
+        plain = ts.generate(model, inputs, steps=STEPS)
+        monkeypatch.setattr(get_adapter(model).layers[j], "forward", lambda hidden_states, *args, **kwargs:
+                            hidden_states)  # fmt: skip
+        native = ts.generate(model, inputs, steps=STEPS)
+    assert torch.equal(planned.sequences, native.sequences)
+    torch.testing.assert_close(torch.stack(planned.logits), torch.stack(native.logits), atol=1e-5, rtol=0)
+    assert not torch.allclose(torch.stack(plain.logits), torch.stack(native.logits))
+
+
+# -- refusals: one line, at apply_plan (or at the call that cannot run exactly), never silently wrong
+
+
+def _siglip():
+    return SiglipVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                              image_size=8, patch_size=2)  # fmt: skip
+
+
+def _refused(model, match: str):
+    model.eval()
+    with pytest.raises(SkipitError, match=match) as info:
+        apply_plan(model, Plan.for_model(model, skip_layers=[1]))
+    assert "\n" not in str(info.value)
+    apply_plan(model, Plan.for_model(model))  # an empty plan passes every call through: accepted
+    remove_plan(model)
+
+
+def test_gemma3_is_refused_for_its_bidirectional_image_mask():
+    torch.manual_seed(0)
+    text = dict(TEXT, head_dim=8, layer_types=["full_attention"] * TEXT["num_hidden_layers"])
+    model = Gemma3ForConditionalGeneration(Gemma3Config(text_config=text, vision_config=_siglip(),
+                                                        image_token_id=ts.IMAGE, mm_tokens_per_image=4))  # fmt: skip
+    _refused(model, "Gemma3ForConditionalGeneration: image tokens attend to each other bidirectionally")
+
+
+def test_paligemma_is_refused_for_its_bidirectional_prefix():
+    torch.manual_seed(0)
+    config = PaliGemmaConfig(text_config=GemmaConfig(**TEXT, head_dim=8), vision_config=_siglip(),
+                             image_token_id=ts.IMAGE)  # fmt: skip
+    _refused(PaliGemmaForConditionalGeneration(config), "its prefix .* attends bidirectionally")
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3_text"])
+def test_sliding_window_causal_lms_are_refused(family):
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(family, **TEXT, head_dim=8, sliding_window=4)
+    _refused(AutoModelForCausalLM.from_config(config), r"sliding-window attention layers .*: layers \[")
+
+
+def test_a_family_refused_by_the_registry_names_why():
+    """Refusals the registry states (Llama 4, Qwen3.5, Gemma 3, PaliGemma) come with their reason."""
+    refused = {f.name: f.refused for f in FAMILIES if f.refused}
+    assert set(refused) == {"Gemma 3", "PaliGemma", "Llama 4", "Qwen3.5", "Qwen3.5 text"}
+    assert "chunked" in refused["Llama 4"] and "linear-attention" in refused["Qwen3.5"]
+
+
+def test_unsupported_layout_is_one_line_naming_what_was_looked_for():
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=64))
+    with pytest.raises(SkipitError, match=r"GPT2LMHeadModel is not supported: found no decoder layers \(looked for "
+                                          r"model.language_model.layers, .*\); supported model classes: .*Llava"):
+        get_adapter(gpt2)
+
+
+def test_output_hidden_states_and_attentions_are_refused_under_a_plan():
+    model, inputs = build("llava"), make_inputs("llava", 2)
+    apply_plan(model, Plan.for_model(model, skip_layers=[1]))
+    try:
+        for flag in ("output_hidden_states", "output_attentions"):
+            with pytest.raises(SkipitError, match=f"{flag} is not supported under a skip plan"), torch.no_grad():
+                model(**inputs, **{flag: True})
+    finally:
+        remove_plan(model)
+    apply_plan(model, Plan.for_model(model))  # an empty plan returns them in full
+    try:
+        with torch.no_grad():
+            out = model(**inputs, output_hidden_states=True)
+    finally:
+        remove_plan(model)
+    assert len(out.hidden_states) == 7 and out.hidden_states[0].shape[1] == inputs["input_ids"].shape[1]
+
+
+def test_assisted_decoding_is_refused_under_a_plan():
+    model, inputs = build("llama"), make_inputs("llama", 1)
+    draft = build("qwen2")
+    apply_plan(model, Plan.for_model(model, skip_layers=[1]))
+    try:
+        with pytest.raises(SkipitError, match="assistant_model"), torch.no_grad():
+            model.generate(**inputs, assistant_model=draft, max_new_tokens=6, do_sample=False)
+    finally:
+        remove_plan(model)
+
+
+def test_static_cache_is_refused_under_a_plan():
+    model, inputs = build("llama"), make_inputs("llama", 2)
+    apply_plan(model, Plan.for_model(model, skip_layers=[1]))
+    try:
+        with pytest.raises(SkipitError, match="DynamicCache"), torch.no_grad():
+            model.generate(**inputs, max_new_tokens=3, cache_implementation="static")
+    finally:
+        remove_plan(model)
+    assert compat.CACHE_KWARG in ("cache", "past_key_values")
+
+
+def tiny_qwen3_5():
+    """Qwen3.5's text model: linear-attention (Gated DeltaNet) and full-attention layers alternating."""
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(
+        "qwen3_5_text", **TEXT, head_dim=8, layer_types=["linear_attention", "full_attention"] * 3,
+        linear_num_value_heads=2, linear_num_key_heads=2, linear_key_head_dim=8, linear_value_head_dim=8,
+    )  # fmt: skip
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+def test_hybrid_linear_attention_is_refused():
+    model = tiny_qwen3_5()
+    _refused(model, r"Qwen3_5ForCausalLM: it has hybrid linear-attention layers")
+    with pytest.raises(SkipitError, match=r"layers \[0, 2, 4\] of Qwen3_5ForCausalLM have none .* attention=False"):
+        Calibrator(model, attention=True)
+    with Calibrator(model, CONFIG, attention=False) as cal:  # hidden states and the logit lens need no attention
+        cal.update({"input_ids": torch.randint(3, 80, (2, 7))}, ["a", "b"])
+    assert cal.functional_stats.lens_n[0] == 2
+
+
+# -- Qwen3-VL's DeepStack in measurement: X_{j+1} is what layer j+1 reads, injection included
+
+
+def test_hooks_read_deepstack_states_after_the_injection():
+    model, inputs = build("qwen3_vl"), make_inputs("qwen3_vl", 3)
+    layers = get_adapter(model).layers
+    read, outputs, got = {}, {}, {}
+    def reads(j):
+        def hook(module, args, kwargs):
+            read[j] = args[0] if args else kwargs["hidden_states"]
+        return hook
+
+    def output(module, args, out):
+        outputs[0] = out
+
+    handles = [layer.register_forward_pre_hook(reads(j), with_kwargs=True) for j, layer in enumerate(layers)]
+    handles += [layers[0].register_forward_hook(output)]
+    try:
+        with torch.no_grad(), hooks(model, lambda i, x: got.setdefault(i, x.clone())):
+            model(**inputs, use_cache=False)
+        embeds = _deepstack(model, inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    for i in range(1, len(layers)):
+        assert torch.equal(got[i], read[i]), f"X_{i}"
+    vision = inputs["input_ids"] == IMAGE
+    torch.testing.assert_close(got[1][vision], outputs[0][vision] + embeds[0])  # what layer 0's output lacks
+    assert torch.equal(got[1][~vision], outputs[0][~vision])
+
+
+def test_calibrator_on_deepstack_measures_and_refuses_the_ablation():
+    model, inputs = build("qwen3_vl"), make_inputs("qwen3_vl", 3)
+    with pytest.raises(SkipitError, match=r"ablation is not supported on Qwen3VLForConditionalGeneration: .* "
+                                          r"after layers \[0, 1\]"):
+        Calibrator(model, CONFIG, ablation=True)
+    with Calibrator(model, CONFIG) as cal:
+        cal.update(inputs, ["a", "b", "c"])
+    assert all(0 < v < 1 for v in cal.attention_stats.finalize()["var"]["mean"])
