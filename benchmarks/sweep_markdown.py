@@ -37,7 +37,7 @@ def main() -> None:
 
     for r in sorted(sweep["plans"], key=key):
         safe = "" if "safe" not in r else ("yes" if r["safe"] else "no")
-        print(f"| {r['name']} | {r['accuracy']:.3f} | {r['accuracy_drop']:+.1f} | {r['flops_saving']:.1%} | "
+        print(f"| {r['name']} | {r['accuracy']:.3f} | {r['accuracy_drop']:+.1f} | {r['flops_removed']:.1%} | "
               f"{r['prefill_speedup']:.2f} ({r['ideal_prefill_speedup']:.2f}) | {r['decode_speedup']:.2f} | {safe} |")
     if "correlation" in sweep:
         print("\n| measure | Spearman (all grid plans) | 95 % CI | plans |", end="")
@@ -55,7 +55,7 @@ def main() -> None:
     print("|---|---:|---:|---:|---:|---:|---:|")
     for b in sorted(sweep["baselines"], key=lambda b: (b["budget"] or 0, b["method"] != "skipit", b["method"])):
         budget = "default" if b["budget"] is None else f"{b['budget']:g}"
-        print(f"| {b['method']} | {budget} | {b['flops_saving']:.1%} | {b['prefill_speedup']:.2f} | "
+        print(f"| {b['method']} | {budget} | {b['flops_removed']:.1%} | {b['prefill_speedup']:.2f} | "
               f"{b['decode_speedup']:.2f} | {b['accuracy']:.3f} | {b['accuracy_kept']:.1%} |")
 
 

@@ -122,7 +122,7 @@ def _synthetic_plan(L: int, evidence: bool = True, **decisions) -> dict:
             "costs": {"skip": [0.5 + 0.1 * j for j in range(L)], "freeze": [0.4] * L,
                       "absent": [0.9] * (L - 1) + [None], "exit": [1.5] * L},
             "prompt": {"vision_tokens": 64, "text_tokens": 50},
-            "predicted": {"prefill": 1.31, "decode": 1.12, "kv_memory": 0.81, "saving": 0.237},
+            "predicted": {"prefill": 1.31, "decode": 1.12, "kv_memory": 0.81, "flops_removed": 0.237},
         }  # fmt: skip
     return plan
 
@@ -144,7 +144,7 @@ def _synthetic_sweep(L: int, baselines: bool) -> dict:
         g = 0.0 if family == "empty" else 0.01 * i + 0.003 * ((7 * i) % 5)
         plans.append({
             "name": name, "family": family, "plan": _synthetic_plan(L, evidence=False, **decisions),
-            "accuracy": 0.8 - 3 * g, "accuracy_drop": 300 * g, "flops_saving": 0.05 * i,
+            "accuracy": 0.8 - 3 * g, "accuracy_drop": 300 * g, "flops_removed": 0.05 * i,
             "ideal_prefill_speedup": 1 + 0.08 * i, "prefill_speedup": 1 + 0.06 * i, "decode_speedup": 1 + 0.02 * i,
             "kv_memory": 1 - 0.05 * i, "predicted": {m: g * (1 + k / 3) for k, m in enumerate(_PREDICTED)},
             "safe": g < 0.04,
@@ -165,7 +165,8 @@ def _synthetic_sweep(L: int, baselines: bool) -> dict:
     }  # fmt: skip
     if baselines:
         sweep["baselines"] = [
-            {"method": method, "budget": b, "flops_saving": 1.02 * b, "prefill_speedup": 1 + b, "accuracy": 0.8 - b / 3,
+            {"method": method, "budget": b, "flops_removed": 1.02 * b, "prefill_speedup": 1 + b,
+             "accuracy": 0.8 - b / 3,
              "accuracy_kept": (0.8 - b / 3) / 0.8, "plan": _synthetic_plan(L, evidence=False, skip_layers=[3, 4])}
             for method in ("ShortGPT", "FastV") for b in (0.1, 0.2)
         ]  # fmt: skip

@@ -50,7 +50,9 @@ def test_ideal_speedup():
     assert ideal["prefill"] == pytest.approx(3440 / 2352)
     assert ideal["decode"] == pytest.approx((1040 + 1088) / (1008 + 1056))
     assert ideal["kv_memory"] == pytest.approx(16 / 18)
-    unchanged = {"prefill": 1.0, "decode": 1.0, "kv_memory": 1.0, "saving": 0.0}
+    assert ideal["flops_removed"] == pytest.approx(1 - 2352 / 3440)  # the prefill's share, and only the prefill's
+    assert ideal["decode_flops_removed"] == pytest.approx(1 - (1008 + 1056) / (1040 + 1088))
+    unchanged = {"prefill": 1.0, "decode": 1.0, "kv_memory": 1.0, "flops_removed": 0.0, "decode_flops_removed": 0.0}
     assert ideal_speedup(TINY, ["all"] * 3, PROMPT, 2) == unchanged
 
 

@@ -69,7 +69,7 @@ def test_default_plan_takes_the_widest_bands_that_meet_the_conditions():
     ev = plan.evidence
     assert ev["thresholds"] == {"epsilon": 0.015, "delta": 0.05, "eta": 0.1, "tau": 0.1, "kappa": 0.02}
     assert set(ev["reasons"]) == {"epsilon", "delta_eta", "tau"}
-    assert ev["roles"] == plan.roles() and 0 < ev["predicted"]["saving"] < 1
+    assert ev["roles"] == plan.roles() and 0 < ev["predicted"]["flops_removed"] < 1
     assert (plan.architecture, plan.num_layers, plan.fingerprint) == ("LlavaForConditionalGeneration", 8, "f" * 16)
 
 
@@ -100,9 +100,9 @@ def test_budget_removes_at_least_that_much_from_the_cheapest_layers():
     a = fake_analysis(RHO_V, RHO_T, VAR)
     for budget in (0.05, 0.2, 0.5):
         plan = make_plan(a, budget=budget)
-        assert predicted(a, plan)["saving"] >= budget
+        assert predicted(a, plan)["flops_removed"] >= budget
         smaller = make_plan(a, Thresholds().scaled(plan.evidence["threshold_scale"] * 0.999))
-        assert predicted(a, smaller)["saving"] < budget  # the smallest scale that meets the budget
+        assert predicted(a, smaller)["flops_removed"] < budget  # the smallest scale that meets the budget
     with pytest.raises(SkipitError, match="no plan removes 99% of the FLOPs"):
         make_plan(a, budget=0.99)
     with pytest.raises(SkipitError, match="budget is a fraction"):
@@ -192,7 +192,7 @@ def test_plan_from_a_real_analysis_applies_to_its_model(tiny_llava, tmp_path):
     analysis = analyze(model, processor, records, batch_size=2, stats_config=StatsConfig(n_bootstrap=5, sketch_size=16))
     assert analysis.result.model.shape == Shape.from_model(model).__dict__
     plan = make_plan(analysis.result, budget=0.3)
-    assert predicted(analysis.result, plan)["saving"] >= 0.3
+    assert predicted(analysis.result, plan)["flops_removed"] >= 0.3
     assert make_plan(analysis, budget=0.3) == plan  # the Analysis that analyze returns, as it is
     apply_plan(model, plan)  # bound to this model: check() passes
     try:
@@ -225,7 +225,7 @@ def test_cli_plan_and_sweep(tiny_llava, tiny_llava_dir, tmp_path):
     done = cli("plan", tmp_path / "run", "--budget", "0.3")
     assert done.returncode == 0, done.stderr
     plan = json.loads((tmp_path / "run" / "plan.json").read_text())
-    assert plan["format"] == "skipit-plan" and plan["evidence"]["predicted"]["saving"] >= 0.3
+    assert plan["format"] == "skipit-plan" and plan["evidence"]["predicted"]["flops_removed"] >= 0.3
     bad = cli("plan", tmp_path / "run", "--mode", "sideways")
     assert bad.returncode == 2 and bad.stderr.startswith("error: late entry mode") and "Traceback" not in bad.stderr
     bad = cli("plan", tmp_path / "run", "--functional")

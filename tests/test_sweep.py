@@ -45,8 +45,8 @@ def test_sweep_writes_every_plan_and_resumes(setup, tmp_path, monkeypatch):
     on_disk = json.loads((tmp_path / "sweep.json").read_text())
     assert on_disk["format"] == "skipit-sweep" and len(on_disk["plans"]) == len(plans)
     rows = {r["name"]: r for r in result["plans"]}
-    assert rows["empty"]["accuracy_drop"] == 0 and rows["empty"]["flops_saving"] == pytest.approx(0, abs=1e-12)
-    assert rows["layer_skip_3"]["flops_saving"] == pytest.approx(1 / 6, rel=0.02)  # one of six equal layers
+    assert rows["empty"]["accuracy_drop"] == 0 and rows["empty"]["flops_removed"] == pytest.approx(0, abs=1e-12)
+    assert rows["layer_skip_3"]["flops_removed"] == pytest.approx(1 / 6, rel=0.02)  # one of six equal layers
     assert all(r["safe"] in (True, False) and set(r["predicted"]) >= {"geometric", "var"} for r in rows.values())
     assert set(result["correlation"]) >= {"geometric", "proximal", "var"}
 

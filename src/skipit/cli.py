@@ -325,7 +325,7 @@ def _print_plan(plan) -> None:
     table.add_row("frozen vision layers", ", ".join(map(str, plan.frozen_vision_layers)) or "none")
     table.add_row("skipped layers", ", ".join(map(str, plan.skip_layers)) or "none")
     if p:
-        table.add_row("predicted", f"{p['saving']:.1%} of FLOPs removed; prefill x{p['prefill']:.2f}, "
+        table.add_row("predicted", f"{p['flops_removed']:.1%} of prefill FLOPs removed; prefill x{p['prefill']:.2f}, "
                                    f"decode x{p['decode']:.2f}, KV cache x{p['kv_memory']:.2f}")  # fmt: skip
     console.print(table)
 
@@ -382,7 +382,7 @@ def _print_sweep(summary: dict) -> None:
         table.add_column(col, justify="left" if col == "plan" else "right")
     for r in summary["plans"]:
         safe = "" if "safe" not in r else ("yes" if r["safe"] else "no")
-        table.add_row(r["name"], f"{r['accuracy']:.3f}", f"{r['accuracy_drop']:+.1f}", f"{r['flops_saving']:.1%}",
+        table.add_row(r["name"], f"{r['accuracy']:.3f}", f"{r['accuracy_drop']:+.1f}", f"{r['flops_removed']:.1%}",
                       f"{r['prefill_speedup']:.2f}", f"{r['ideal_prefill_speedup']:.2f}", f"{r['decode_speedup']:.2f}",
                       safe)  # fmt: skip
     console.print(table)

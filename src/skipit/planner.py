@@ -114,7 +114,8 @@ def mean_prompt(analysis: AnalysisResult) -> tuple[int, int]:
 
 
 def predicted(analysis: AnalysisResult, plan: Plan) -> dict:
-    """Ideal speed-ups and FLOPs saving of `plan` on the average calibration prompt (vision tokens first)."""
+    """Ideal speed-ups and FLOPs removed (prefill; the decode step's under its own name) by `plan` on the average
+    calibration prompt (vision tokens first)."""
     analysis = as_result(analysis)
     n_vision, n_text = mean_prompt(analysis)
     return ideal_speedup(analysis.shape, plan, prompt_layout(n_vision, n_text), decode_steps=16)
@@ -156,7 +157,7 @@ def plan_from_costs(analysis: AnalysisResult, costs: Costs, mode: str | None = N
                 total += kl[j]
         candidate = _plan(analysis, late_entry=k, late_entry_mode=md, early_exit=None if m == L - 1 else m,
                           skip_layers=skip, frozen_vision_layers=frozen)  # fmt: skip
-        saving = predicted(analysis, candidate)["saving"]
+        saving = predicted(analysis, candidate)["flops_removed"]
         if best is None or saving > best[0] + 1e-12:
             best = (saving, candidate)
     return best[1]
@@ -228,11 +229,13 @@ def _scale_for_budget(analysis: AnalysisResult, base: Thresholds, budget: float,
     for c in candidates:
         s = c * (1 + 1e-9)
         plan = plan_from_costs(analysis, layer_costs(analysis, base.scaled(s)), mode, freeze_vision)
-        saving = predicted(analysis, plan)["saving"]
+        saving = predicted(analysis, plan)["flops_removed"]
         best_saving = max(best_saving, saving)
         if saving >= budget:
             return s
-    raise SkipitError(f"no plan removes {budget:.0%} of the FLOPs; the most this analysis allows is {best_saving:.1%}")
+    raise SkipitError(
+        f"no plan removes {budget:.0%} of the FLOPs (prefill); the most this analysis allows is {best_saving:.1%}"
+    )
 
 
 def _evidence(analysis: AnalysisResult, plan: Plan, base: Thresholds, scale: float, budget, costs: Costs) -> dict:

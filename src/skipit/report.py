@@ -377,7 +377,9 @@ def _plan_section(run: Run) -> str:
         parts.append("<h3>Thresholds</h3>" + _table(["threshold", "value"], rows, "kv"))
     pred = ev.get("predicted") or {}
     if pred:
-        labels = {"saving": ("FLOPs removed (prefill + decode)", _pct), "prefill": ("ideal prefill speed-up", _times),
+        labels = {"flops_removed": ("FLOPs removed (prefill)", _pct),
+                  "decode_flops_removed": ("FLOPs removed per decode step", _pct),
+                  "prefill": ("ideal prefill speed-up", _times),
                   "decode": ("ideal decode speed-up", _times), "kv_memory": ("KV-cache size (vs untouched)", _pct)}
         rows = [[_e(labels.get(key, (key,))[0]), labels.get(key, (key, _f))[1](value)] for key, value in pred.items()]
         prompt = ev.get("prompt") or {}
@@ -526,7 +528,7 @@ def _speed_section(run: Run) -> str:
             safe = f'<span class="lost">{safe}: lost accuracy</span>'
         rows.append([
             _e(p.get("name", "?")), _e(p.get("family", "?")), _e(describe_plan(p.get("plan"))), safe,
-            _pct(p.get("flops_saving")),
+            _pct(p.get("flops_removed")),
             _times(p.get("ideal_prefill_speedup")), _times(p.get("prefill_speedup")),
             _times(p.get("ideal_decode_speedup")), _times(p.get("decode_speedup")),
             _pct(p.get("kv_memory")), _f(p.get("accuracy"), ".3f"), _f(p.get("accuracy_drop"), "+.1f"),
@@ -544,7 +546,7 @@ def _baselines_section(run: Run) -> str:
     if not baselines:
         return _note("sweep.json has no baselines.")
     rows = [[_e(b.get("method", "?")), _f(b.get("budget"), ".3g"), _e(describe_plan(b.get("plan"))),
-             _pct(b.get("flops_saving")), _times(b.get("prefill_speedup")), _times(b.get("decode_speedup")),
+             _pct(b.get("flops_removed")), _times(b.get("prefill_speedup")), _times(b.get("decode_speedup")),
              _f(b.get("accuracy"), ".3f"), _f(b.get("accuracy_kept"), ".3f")] for b in baselines]  # fmt: skip
     headers = ["method", "budget", "decisions", "FLOPs saved", "prefill", "decode", "accuracy", "accuracy kept"]
     return _table(headers, rows, "num") + "<p class='dim'>Accuracy kept: accuracy / the reference's accuracy.</p>"

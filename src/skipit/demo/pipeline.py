@@ -68,8 +68,8 @@ def run(run_dir: str | Path, config: DemoConfig | None = None, model_path: str |
         console.print("no layer meets the default conditions; planning the cheapest 20 % of FLOPs instead")
         plan = make_plan(analysis, budget=0.2)
     plan.save(run_dir / "plan.json")
-    saving = plan.evidence["predicted"]["saving"]
-    console.print(f"2/4 plan: {saving:.1%} of FLOPs predicted removed ({run_dir / 'plan.json'})")
+    saving = plan.evidence["predicted"]["flops_removed"]
+    console.print(f"2/4 plan: {saving:.1%} of prefill FLOPs predicted removed ({run_dir / 'plan.json'})")
 
     # 3. sweep: the grid, skipit's plan, and the baselines at the FLOPs skipit's plan removes
     plans = sweep.grid(model, config.step)
@@ -89,7 +89,7 @@ def run(run_dir: str | Path, config: DemoConfig | None = None, model_path: str |
     rows = {r["name"]: r for r in summary["plans"]}
     mine, ref = rows["skipit"], rows["empty"]
     return {
-        "flops_removed": mine["flops_saving"],
+        "flops_removed": mine["flops_removed"],
         "prefill_speedup": mine["prefill_speedup"],
         "decode_speedup": mine["decode_speedup"],
         "accuracy": mine["accuracy"],

@@ -1,7 +1,7 @@
 """`skipit sweep`: many plans on one benchmark, and whether the measures predicted what each plan cost.
 
-Per plan: VQA accuracy on the same records, FLOPs saving, ideal and measured speed-ups (measured side by side with
-the untouched model on one batch of the benchmark's prompts). With an analysis of the model, also what each measure
+Per plan: VQA accuracy on the same records, prefill FLOPs removed, ideal and measured speed-ups (measured side by side
+with the untouched model on one batch of the benchmark's prompts). With an analysis of the model, also what each measure
 predicted (`skipit.planner.predicted_damage`), whether the default conditions call the plan safe, the Spearman rank
 correlation between each measure's prediction and the measured accuracy drop (bootstrap CI over plans), and every
 plan called safe that still loses more than `lost_points` points: the framework's own falsification test.
@@ -83,7 +83,7 @@ def measure_plan(model, processor, records, plan: Plan, encoded: dict, batch_siz
         "accuracy": result["accuracy"],
         "per_type": {t: v["accuracy"] for t, v in result["per_type"].items()},
         "predictions": result["predictions"],
-        "flops_saving": 1 - 1 / row["ideal_prefill_speedup"],  # ideal = untouched / plan prefill FLOPs
+        "flops_removed": 1 - 1 / row["ideal_prefill_speedup"],  # ideal = untouched / plan prefill FLOPs
         "ideal_prefill_speedup": row["ideal_prefill_speedup"],
         "prefill_speedup": row["prefill_speedup"],
         "decode_speedup": row["decode_speedup"],
@@ -154,7 +154,7 @@ def summarise(done: dict[str, dict], analysis: dict | None, run_dir: Path, lost_
     result["reference"] |= {k: reference_row[k] for k in ("per_type",)}
     result["baselines"] = [
         {"method": r["name"].split("@")[0], "budget": float(r["name"].split("@")[1]) if "@" in r["name"] else None,
-         "flops_saving": r["flops_saving"], "prefill_speedup": r["prefill_speedup"],
+         "flops_removed": r["flops_removed"], "prefill_speedup": r["prefill_speedup"],
          "decode_speedup": r["decode_speedup"], "accuracy": r["accuracy"],
          "accuracy_kept": r["accuracy"] / reference if reference else None, "plan": r["plan"]}
         for r in rows if r["family"] in ("skipit", "baseline")
