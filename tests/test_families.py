@@ -300,3 +300,33 @@ def test_calibrator_on_deepstack_measures_and_refuses_the_ablation():
     with Calibrator(model, CONFIG) as cal:
         cal.update(inputs, ["a", "b", "c"])
     assert all(0 < v < 1 for v in cal.attention_stats.finalize()["var"]["mean"])
+
+
+def test_sliding_windows_in_a_served_family_are_refused_per_model():
+    """Mistral3 and Aya Vision are served only where their text config sets no sliding window."""
+    for family, text in (("mistral3", dict(sliding_window=4)), ("aya_vision", {})):
+        model = build(family)
+        config = type(model.config)(**{**model.config.to_dict(), "text_config": {
+            **model.config.text_config.to_dict(), "layer_types": None, **text}})  # fmt: skip
+        torch.manual_seed(0)
+        _refused(type(model)(config), "sliding-window attention layers")
+
+
+def test_rotary_that_is_not_a_cos_sin_pair_is_refused():
+    """Llama 4 passes complex freqs_cis (refused by the registry too): a model whose layers receive anything but a real
+    (cos, sin) pair is refused at its first call instead of being sliced wrongly."""
+    model, inputs = build("llama"), make_inputs("llama", 2)
+
+    def freqs_cis(module, args, kwargs):
+        cos, sin = kwargs["position_embeddings"]
+        return args, {**kwargs, "position_embeddings": torch.polar(torch.ones_like(cos), cos)}
+
+    apply_plan(model, Plan.for_model(model, skip_layers=[3]))
+    hook = get_adapter(model).layers[1].register_forward_pre_hook(freqs_cis, with_kwargs=True)
+    try:
+        with pytest.raises(SkipitError, match=r"LlamaDecoderLayer to receive its rotary positions as a real "
+                                              r"\(cos, sin\) pair"), torch.no_grad():
+            model(**inputs)
+    finally:
+        hook.remove()
+        remove_plan(model)

@@ -55,6 +55,13 @@ class SkipLayer(nn.Module):
         if self.role == SKIP:
             step = self.runtime.current
             return step.expand(hidden_states) if self.last and step is not None else hidden_states
+        pe = kwargs.get("position_embeddings")
+        if not (isinstance(pe, (tuple, list)) and len(pe) == 2
+                and all(isinstance(t, torch.Tensor) and not t.is_complex() for t in pe)):  # fmt: skip
+            raise SkipitError(
+                f"skip plans need {type(self.base_layer).__name__} to receive its rotary positions as a real "
+                f"(cos, sin) pair, which keeps each token's position when tokens are dropped; got {type(pe).__name__}"
+            )
         cache_name = compat.cache_kwarg(kwargs)  # passed on under the name the model used (renamed in 5.24)
         cache = kwargs.get(cache_name)
         step = self.runtime.step(cache, hidden_states)
