@@ -50,3 +50,11 @@ def test_device_and_dtype_choices(tiny_llava_dir, monkeypatch):
         monkeypatch.setenv("SKIPIT_DEVICE", "cuda:3")
         with pytest.raises(SkipitError, match="cannot put the model on 'cuda:3'"):
             models.load(tiny_llava_dir)
+
+
+def test_loading_reads_the_one_family_registry():
+    from skipit.adapters.registry import FAMILIES
+
+    listed = models.supported_families()
+    assert all(family.name in listed for family in FAMILIES)
+    assert {"LLaVA-OneVision", "SmolVLM", "InternVL", "Mistral3", "Qwen3-VL"} <= {f.name for f in FAMILIES}
