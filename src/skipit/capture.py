@@ -247,7 +247,7 @@ class Calibrator:
                 if not present.any():
                     continue
                 if rerun:
-                    ablated = self._head(calls.run_from(j, hidden[j], mask), answer)
+                    ablated = self._head(calls.run_from(j, mask), answer)
                 else:
                     handle = layer.register_forward_hook(_skip_update(mask), with_kwargs=True)
                     try:
@@ -267,23 +267,31 @@ class Calibrator:
 
 
 class _LayerCalls:
-    """Records the input and keyword arguments of every decoder layer during one forward (a context manager), so
-    that layers j..L-1 can be run again from a captured state with exactly the model's masks and positions."""
+    """Records the input, keyword arguments and output of every decoder layer during one forward (a context
+    manager), so that layers j..L-1 can be run again from layer j's input with exactly the model's masks and
+    positions."""
 
     def __init__(self, layers: nn.ModuleList):
         self.layers = layers
         self.inputs: list = [None] * len(layers)
         self.kwargs: list = [None] * len(layers)
+        self.outputs: list = [None] * len(layers)
 
     def __enter__(self):
-        def record(j):
+        def record_input(j):
             def hook(module, args, kwargs):
                 self.inputs[j] = args[0] if args else kwargs["hidden_states"]
                 self.kwargs[j] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
             return hook
 
-        self._handles = [layer.register_forward_pre_hook(record(j), with_kwargs=True)
-                         for j, layer in enumerate(self.layers)]
+        def record_output(j):
+            def hook(module, args, output):
+                self.outputs[j] = _first(output)
+            return hook
+
+        self._handles = [h for j, layer in enumerate(self.layers) for h in (
+            layer.register_forward_pre_hook(record_input(j), with_kwargs=True),
+            layer.register_forward_hook(record_output(j)))]  # fmt: skip
         return self
 
     def __exit__(self, *exc) -> None:
@@ -291,11 +299,16 @@ class _LayerCalls:
             handle.remove()
 
     def replays(self, hidden: list[torch.Tensor]) -> bool:
-        """Whether every layer j was called on X_j as captured (nothing injected between layers)."""
-        return all(x is not None and torch.equal(x, hidden[j]) for j, x in enumerate(self.inputs))
+        """Whether the model's layer loop is plain: layer 0 read X_0, each later layer read exactly the previous
+        layer's output (nothing injected between layers, as DeepStack does), and the last output is X_L."""
+        if any(x is None for x in (*self.inputs, *self.outputs)):
+            return False
+        chain = zip(self.inputs, [hidden[0], *self.outputs[:-1]], strict=True)
+        return all(torch.equal(a, b) for a, b in chain) and torch.equal(self.outputs[-1], hidden[-1])
 
-    def run_from(self, j: int, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-        """Layers j..L-1 on x = X_j, with layer j's update undone at the tokens in keep [B, T]."""
+    def run_from(self, j: int, keep: torch.Tensor) -> torch.Tensor:
+        """Layers j..L-1 from layer j's recorded input, with layer j's update undone at the tokens in keep [B, T]."""
+        x = self.inputs[j]
         y = _first(self.layers[j](x, **self.kwargs[j]))
         x = torch.where(keep[..., None].to(x.device), x, y)
         for i in range(j + 1, len(self.layers)):
