@@ -74,3 +74,21 @@ def test_write_split_round_trips_through_the_loader(tmp_path):
 def test_unknown_split():
     with pytest.raises(ValueError, match="unknown split"):
         next(generate_records("dev", 1))
+
+
+def test_test_split_is_sized_to_detect_a_two_point_loss_and_extends_the_old_one():
+    from skipit.intervals import mcnemar_sample_size
+
+    assert shapes.DEFAULT_SIZES["test"] >= mcnemar_sample_size(0.02, 0.06)
+    old = [rec for _, rec in shapes.generate_records("test", 20)]
+    new = [rec for _, rec in shapes.generate_records("test", 40)][:20]
+    assert old == new  # a larger split starts with the smaller one
+
+
+def test_ensure_split_regenerates_a_cache_of_another_size(tmp_path, monkeypatch):
+    monkeypatch.setitem(shapes.DEFAULT_SIZES, "calibration", 3)
+    shapes.write_split(tmp_path, "calibration", n=2)  # as an earlier release with another size wrote it
+    path = shapes.ensure_split(tmp_path, "calibration")
+    assert len(path.read_text().splitlines()) == 3
+    mtime = path.stat().st_mtime_ns
+    assert shapes.ensure_split(tmp_path, "calibration").stat().st_mtime_ns == mtime  # the right size is kept
