@@ -25,6 +25,7 @@ from skipit.evaluation import speed
 from skipit.flops import Shape, roles_of
 from skipit.io import write_json
 from skipit.plan import Plan
+from skipit.prompts import chat_inputs
 
 
 def random_llava(hidden: int, layers: int, image_size: int = 336, seed: int = 0) -> LlavaForConditionalGeneration:
@@ -68,7 +69,7 @@ def random_inputs(model, batch: int, text_before: int = 5, text_after: int = 35,
 def mini_llava_inputs(processor, batch: int) -> dict:
     """`batch` different images of `shapes`/test, with the first record's question for every row (no padding)."""
     records = load_records(shapes_split("test"), limit=batch)
-    return speed.chat_inputs(processor, [r.load_image() for r in records], [records[0].question] * batch)
+    return chat_inputs(processor, [r.load_image() for r in records], [records[0].question] * batch)
 
 
 def plan_grid(model, num_layers: int) -> dict[str, Plan | None]:

@@ -86,7 +86,7 @@ def test_baselines_meet_the_budget_their_own_way(setup):
     assert baselines.saving(model, encoded, more) < 0.03  # the largest share kept that meets the budget
     gromov = plans["gromov"].skip_layers
     assert list(gromov) == list(range(gromov[0], gromov[0] + len(gromov))) and 5 not in gromov  # contiguous
-    bi = baselines.block_influence(analysis)
+    bi = baselines.shortgpt_layer_influence(analysis)
     assert max(bi[j] for j in plans["shortgpt"].skip_layers) <= min(
         bi[j] for j in range(6) if j not in plans["shortgpt"].skip_layers)  # fmt: skip
     k, kls = baselines.vtw_own_k(model, processor, calib, threshold=0.01)

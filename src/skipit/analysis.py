@@ -30,10 +30,10 @@ from skipit.flops import Shape
 from skipit.functional_stats import FunctionalStats
 from skipit.prompts import record_inputs
 from skipit.result import VERSION, AnalysisResult, DataInfo, ModelInfo
-from skipit.stats import AttentionStats, LayerStats, MeasureConfig, StatsConfig, _decode_meta, _encode_meta
+from skipit.stats import AttentionStats, LayerStats, MeasureConfig, Stats, StatsConfig, decode_meta, encode_meta
 
 SHARD_FORMAT = "skipit-analysis-shard"
-PARTS = {"layer": LayerStats, "attention": AttentionStats, "functional": FunctionalStats}
+PARTS: dict[str, type[Stats]] = {"layer": LayerStats, "attention": AttentionStats, "functional": FunctionalStats}
 
 
 @dataclass
@@ -108,7 +108,7 @@ def save_shard(path: Path, stats: dict, run: dict) -> None:
     """All accumulators and the run's identity in one safetensors file, written to a temp file and renamed."""
     from safetensors.torch import save_file
 
-    tensors = {"run": _encode_meta(run)}
+    tensors = {"run": encode_meta(run)}
     for name, part in stats.items():
         if part is not None:
             tensors |= {f"{name}.{k}": v.contiguous() for k, v in part.state_dict().items()}
@@ -129,7 +129,7 @@ def load_shard(path: Path) -> tuple[dict, dict]:
 
     try:
         tensors = load_file(str(path))
-        run = _decode_meta(tensors.pop("run"))
+        run = decode_meta(tensors.pop("run"))
     except Exception as e:  # a truncated or foreign file
         raise SkipitError(f"cannot read shard {path} ({type(e).__name__}): delete it to start over") from None
     stats = {}
@@ -153,14 +153,19 @@ def _merge(states: Sequence[dict]) -> dict:
     return merged
 
 
-def records_digest(records: Sequence) -> str:
+def records_digest(records: Sequence, labels: bool = False) -> str:
+    """A hash of the records' inputs (id, image, question, caption) and, with `labels`, of what scores them too
+    (answer, answers, question type)."""
     h = hashlib.sha256()
     for r in records:
         h.update(f"{r.id}\0{r.image}\0{r.question}\0{r.caption}\n".encode())
+        if labels:
+            h.update(f"{r.answer}\0{r.answers}\0{r.extra.get('type')}\n".encode())
     return h.hexdigest()[:16]
 
 
-def _versions() -> dict:
+def versions() -> dict:
+    """The versions of skipit, torch, transformers, numpy and Python: what a result file records."""
     import numpy
     import transformers
 
@@ -268,7 +273,7 @@ def analyze(
                       records_digest=identity["records"]),
         seed=config.seed,
         settings=settings | {"measure_config": asdict(measure_config), "shard_every": shard_every},
-        versions=_versions(),
+        versions=versions(),
         layers=list(range(adapter.num_layers)),
         measures=measures,
         timing={"rank0_seconds": seconds, "rank0_examples": len(todo),

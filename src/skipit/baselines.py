@@ -15,6 +15,15 @@ least `budget` of the prefill FLOPs of the benchmark's prompts (so every method 
 - FastV (Chen et al., 2024): after layer K = 2 (skipit's layer 1) keep only the vision tokens the last token attends
   to most. At a budget, the share kept is the largest that meets it (FastV's own setting keeps 50 %).
 - random: remove random layers.
+
+Every method is registered under its name (`BASELINES`, `get_baseline`): a function that takes one
+`BaselineContext` (the model, processor, calibration records, the speed batch `encoded`, the budget, the analysis, a
+seed and a cache shared across budgets) and returns its plan. A new method is one decorated function:
+
+    @register("mymethod", "Someone et al. (2025): what it removes, ranked how")
+    def _mymethod(ctx: BaselineContext) -> Plan:
+        order = ...  # units of work, cheapest first
+        return ctx.greedy(order, lambda js: ctx.empty.with_decisions(skip_layers=js))
 """
 
 from __future__ import annotations
@@ -22,24 +31,93 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 
 from skipit.errors import SkipitError
-from skipit.evaluation import speed
+from skipit.flops import prefill_saving
 from skipit.plan import Plan
 from skipit.prompts import record_inputs
 from skipit.result import AnalysisResult, as_result
 from skipit.skipping import apply_plan, remove_plan
 
-METHODS = ("vtw", "shortv", "fastv", "shortgpt", "gromov", "random")
 FASTV_LAYER = 1  # FastV's K = 2: layers 0 and 1 see every vision token
 
+saving = prefill_saving  # the fraction of the prefill FLOPs of a batch that a plan removes
 
-def saving(model, encoded: dict, plan: Plan) -> float:
-    """Fraction of the prefill FLOPs of the batch `encoded` that `plan` removes."""
-    plain, mine = (speed.prompt_costs(model, encoded, p, 1)["prefill"] for p in (None, plan))
-    return 1 - mine / plain
+
+@dataclass
+class BaselineContext:
+    """What a baseline may use to build its plan. `cache` keeps rankings between calls for several budgets."""
+
+    model: torch.nn.Module
+    processor: object
+    calib: Sequence  # calibration records (for methods that measure the model)
+    encoded: dict  # the speed batch whose prefill FLOPs the budget is a fraction of
+    budget: float
+    analysis: AnalysisResult | None = None
+    seed: int = 0
+    cache: dict = field(default_factory=dict)
+
+    @cached_property
+    def empty(self) -> Plan:
+        return Plan.for_model(self.model)
+
+    @property
+    def num_layers(self) -> int:
+        return self.empty.num_layers
+
+    def saving(self, plan: Plan) -> float:
+        return prefill_saving(self.model, self.encoded, plan)
+
+    def meets(self, plan: Plan) -> bool:
+        return self.saving(plan) >= self.budget
+
+    def greedy(self, order: Sequence[int], make: Callable[[list[int]], Plan]) -> Plan:
+        return greedy(order, make, self.model, self.encoded, self.budget)
+
+    def cached(self, key: str, compute: Callable[[], object]):
+        if key not in self.cache:
+            self.cache[key] = compute()
+        return self.cache[key]
+
+    def cannot(self, name: str) -> SkipitError:
+        return SkipitError(f"{name} cannot remove {self.budget:.0%} of the FLOPs")
+
+
+@dataclass(frozen=True)
+class Baseline:
+    name: str
+    make_plan: Callable[[BaselineContext], Plan]
+    reference: str = ""
+
+
+BASELINES: dict[str, Baseline] = {}
+
+
+def register(name: str, reference: str = "") -> Callable:
+    """Decorator: register `fn(ctx: BaselineContext) -> Plan` as the baseline `name`."""
+
+    def add(fn: Callable[[BaselineContext], Plan]) -> Callable[[BaselineContext], Plan]:
+        if name in BASELINES:
+            raise ValueError(f"baseline {name!r} is registered already")
+        BASELINES[name] = Baseline(name, fn, reference)
+        return fn
+
+    return add
+
+
+def available() -> tuple[str, ...]:
+    return tuple(BASELINES)
+
+
+def get_baseline(name: str) -> Baseline:
+    try:
+        return BASELINES[name]
+    except KeyError:
+        raise SkipitError(f"unknown baseline {name!r}; available: {', '.join(BASELINES)}") from None
 
 
 def greedy(order: Sequence[int], make: Callable[[list[int]], Plan], model, encoded, budget: float) -> Plan:
@@ -51,7 +129,7 @@ def greedy(order: Sequence[int], make: Callable[[list[int]], Plan], model, encod
             plan = make(sorted(chosen))
         except SkipitError:  # e.g. every layer skipped
             break
-        if saving(model, encoded, plan) >= budget:
+        if prefill_saving(model, encoded, plan) >= budget:
             return plan
     raise SkipitError(f"this method cannot remove {budget:.0%} of the FLOPs")
 
@@ -105,8 +183,9 @@ def block_distances(model, processor, records, n: int) -> list[float]:
     return (sums / count).tolist()
 
 
-def block_influence(analysis: AnalysisResult) -> list[float]:
-    """ShortGPT's Block Influence over all tokens: the token-weighted mean of each modality's 1 - cos."""
+def shortgpt_layer_influence(analysis: AnalysisResult) -> list[float]:
+    """ShortGPT's Block Influence of each layer over all tokens: the token-weighted mean of each modality's mean
+    1 - cos (the per-token measure is `skipit.measures.block_influence`)."""
     analysis = as_result(analysis, "shortgpt")
     mods = analysis.modalities
     weight = {m: analysis.n_tokens(m) for m in mods}
@@ -120,50 +199,68 @@ def baseline_plan(method: str, model, processor, calib, encoded: dict, budget: f
                   seed: int = 0, cache: dict | None = None) -> Plan:  # fmt: skip
     """`method`'s plan removing at least `budget` of the prefill FLOPs of `encoded`. `cache` (a dict) keeps the
     rankings between calls for several budgets."""
-    cache = {} if cache is None else cache
-    empty = Plan.for_model(model)
-    L = empty.num_layers
-    if method == "vtw":
-        for m in range(L - 1, -1, -1):
-            plan = empty.with_decisions(early_exit=m)
-            if saving(model, encoded, plan) >= budget:
-                return plan
-        raise SkipitError(f"vtw cannot remove {budget:.0%} of the FLOPs")
-    if method == "shortv":
-        if "lc" not in cache:
-            cache["lc"] = layer_contribution(model, processor, calib)
-        order = sorted(range(L), key=lambda j: cache["lc"][j])
-        return greedy(order, lambda js: empty.with_decisions(frozen_vision_layers=js), model, encoded, budget)
-    if method == "fastv":
-        def fastv(keep: float) -> Plan:
-            return empty.with_decisions(prune_vision_after=FASTV_LAYER, prune_vision_keep=keep)
+    ctx = BaselineContext(model, processor, calib, encoded, budget, analysis, seed, {} if cache is None else cache)
+    return get_baseline(method).make_plan(ctx)
 
-        lo, hi = 1e-3, 1 - 1e-3  # saving falls as the share kept grows: find the largest share that meets budget
-        if saving(model, encoded, fastv(lo)) < budget:
-            raise SkipitError(f"fastv cannot remove {budget:.0%} of the FLOPs")
-        for _ in range(20):
-            mid = (lo + hi) / 2
-            lo, hi = (mid, hi) if saving(model, encoded, fastv(mid)) >= budget else (lo, mid)
-        return fastv(lo)
-    if method == "shortgpt":
-        if analysis is None:
-            raise SkipitError("shortgpt ranks layers by Block Influence: give it an analysis")
-        bi = block_influence(analysis)
-        order = sorted(range(L), key=lambda j: bi[j])
-        return greedy(order, lambda js: empty.with_decisions(skip_layers=js), model, encoded, budget)
-    if method == "gromov":
-        for n in range(1, L - 1):
-            if saving(model, encoded, empty.with_decisions(skip_layers=range(n))) >= budget:
-                key = f"gromov{n}"
-                if key not in cache:
-                    cache[key] = block_distances(model, processor, calib, n)
-                start = min(range(len(cache[key])), key=lambda s: cache[key][s])
-                return empty.with_decisions(skip_layers=range(start, start + n))
-        raise SkipitError(f"gromov cannot remove {budget:.0%} of the FLOPs")
-    if method == "random":
-        order = random.Random(f"random-layers/{seed}").sample(range(L), L)
-        return greedy(order, lambda js: empty.with_decisions(skip_layers=js), model, encoded, budget)
-    raise SkipitError(f"unknown baseline {method!r}; choose from {', '.join(METHODS)}")
+
+@register("vtw", "Lin et al. (2024): vision tokens withdraw after the latest layer that meets the budget")
+def _vtw(ctx: BaselineContext) -> Plan:
+    for m in range(ctx.num_layers - 1, -1, -1):
+        plan = ctx.empty.with_decisions(early_exit=m)
+        if ctx.meets(plan):
+            return plan
+    raise ctx.cannot("vtw")
+
+
+@register("shortv", "Yuan et al. (2025): freeze vision tokens where Layer Contribution is lowest")
+def _shortv(ctx: BaselineContext) -> Plan:
+    lc = ctx.cached("lc", lambda: layer_contribution(ctx.model, ctx.processor, ctx.calib))
+    order = sorted(range(ctx.num_layers), key=lambda j: lc[j])
+    return ctx.greedy(order, lambda js: ctx.empty.with_decisions(frozen_vision_layers=js))
+
+
+@register("fastv", "Chen et al. (2024): after layer 2 keep the vision tokens the last token attends to most")
+def _fastv(ctx: BaselineContext) -> Plan:
+    def fastv(keep: float) -> Plan:
+        return ctx.empty.with_decisions(prune_vision_after=FASTV_LAYER, prune_vision_keep=keep)
+
+    lo, hi = 1e-3, 1 - 1e-3  # saving falls as the share kept grows: find the largest share that meets the budget
+    if not ctx.meets(fastv(lo)):
+        raise ctx.cannot("fastv")
+    for _ in range(20):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if ctx.meets(fastv(mid)) else (lo, mid)
+    return fastv(lo)
+
+
+@register("shortgpt", "Men et al. (2024): remove the layers with the lowest Block Influence")
+def _shortgpt(ctx: BaselineContext) -> Plan:
+    if ctx.analysis is None:
+        raise SkipitError("shortgpt ranks layers by Block Influence: give it an analysis")
+    bi = shortgpt_layer_influence(ctx.analysis)
+    order = sorted(range(ctx.num_layers), key=lambda j: bi[j])
+    return ctx.greedy(order, lambda js: ctx.empty.with_decisions(skip_layers=js))
+
+
+@register("gromov", "Gromov et al. (2024): remove the contiguous block closest in angular distance")
+def _gromov(ctx: BaselineContext) -> Plan:
+    L = ctx.num_layers
+    for n in range(1, L - 1):
+        if ctx.meets(ctx.empty.with_decisions(skip_layers=range(n))):
+            distances = ctx.cached(f"gromov{n}", lambda n=n: block_distances(ctx.model, ctx.processor, ctx.calib, n))
+            start = min(range(len(distances)), key=lambda s: distances[s])
+            return ctx.empty.with_decisions(skip_layers=range(start, start + n))
+    raise ctx.cannot("gromov")
+
+
+@register("random", "remove random layers")
+def _random(ctx: BaselineContext) -> Plan:
+    L = ctx.num_layers
+    order = random.Random(f"random-layers/{ctx.seed}").sample(range(L), L)
+    return ctx.greedy(order, lambda js: ctx.empty.with_decisions(skip_layers=js))
+
+
+METHODS = available()  # the built-in methods, in registration order
 
 
 def vtw_own_k(model, processor, calib, threshold: float = 0.05) -> tuple[int | None, list[float]]:

@@ -1,21 +1,122 @@
-"""The `skipit` command line: a thin typer layer over the Python API."""
+"""The `skipit` command line: a thin typer layer over the Python API.
+
+Every command checks its options and output paths before it loads a model (a user error is one line on stderr,
+`error: ...`, exit code 2, nothing written), and a Ctrl-C keeps what is saved, says what, prints the command that
+resumes, and exits 130.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import shlex
 import sys
+import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated
 
+import click
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from skipit.errors import SkipitError
+from skipit.evaluation.run import at_least
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 data_app = typer.Typer(no_args_is_help=True, help="Datasets: generate the synthetic `shapes` VQA/captioning data.")
 app.add_typer(data_app, name="data")
 console = Console()
+
+IMAGE_PLACEHOLDER = "<image>"
+INTERRUPTED = 130  # 128 + SIGINT, what shells report for Ctrl-C
+
+
+# ---------------------------------------------------------------- checks before any work
+
+
+def _nearest_existing(path: Path) -> Path:
+    path = path.absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _can_write_in(folder: Path) -> bool:
+    """Whether a file can be created in `folder` (tried, then removed: permissions, read-only mounts and root)."""
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".skipit-probe-", dir=folder)
+    except OSError:
+        return False
+    os.close(fd)
+    os.unlink(probe)
+    return True
+
+
+def _writable(path: Path, option: str) -> None:
+    """The folder that will hold `path` (itself or its nearest existing parent) is a folder we can write in."""
+    base = _nearest_existing(path.parent if not path.exists() else path)
+    if not base.is_dir():
+        raise SkipitError(f"{option} {path}: {base} is a file, not a folder")
+    if not _can_write_in(base):
+        raise SkipitError(f"{option} {path}: cannot write in {base} (read-only or no permission)")
+
+
+def check_out_file(path: Path | None, option: str = "--out") -> None:
+    """An output file path: not an existing folder, and somewhere we can write."""
+    if path is None:
+        return
+    if path.is_dir():
+        raise SkipitError(f"{option} {path} is a folder: give the path of a file to write")
+    _writable(path.parent if path.exists() else path, option)
+
+
+def check_out_dir(path: Path | None, option: str = "--out") -> None:
+    """An output folder: an existing folder or none yet, and somewhere we can write."""
+    if path is None:
+        return
+    if path.exists() and not path.is_dir():
+        raise SkipitError(f"{option} {path} is a file: give a folder")
+    _writable(path, option)
+
+
+# ---------------------------------------------------------------- Ctrl-C
+
+
+def _command_line(drop: tuple[str, ...] = ()) -> str:
+    """The command being run, rebuilt from its parsed options (those left at their default omitted)."""
+    ctx = click.get_current_context()
+    words = ["skipit", *ctx.command_path.split()[1:]]
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name)
+        if param.name in drop:
+            continue
+        if isinstance(param, click.Argument):
+            words.append(str(value))
+            continue
+        default = param.default() if callable(param.default) else param.default
+        if value is None or value == default or (param.multiple and list(value) == list(default or ())):
+            continue
+        if isinstance(value, bool):
+            if value:
+                words.append(param.opts[0])
+            elif param.secondary_opts:
+                words.append(param.secondary_opts[0])
+        else:
+            for v in value if param.multiple else [value]:
+                words += [param.opts[0], str(v)]
+    return shlex.join(words)
+
+
+@contextlib.contextmanager
+def _interruptible(kept: Callable[[], str], drop: tuple[str, ...] = ()) -> Iterator[None]:
+    """On Ctrl-C: one line on stderr saying what `kept()` is kept and the command that resumes; exit 130."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        print(f"interrupted: {kept()}; resume with: {_command_line(drop)}", file=sys.stderr, flush=True)
+        raise typer.Exit(INTERRUPTED) from None
 
 
 @data_app.command("shapes")
@@ -26,8 +127,12 @@ def data_shapes(
     seed: int = 0,
 ) -> None:
     """Write the `shapes` dataset as PNG images + JSONL records."""
-    from skipit.data.shapes import write_split
+    from skipit.data.shapes import SPLITS, write_split
 
+    if unknown := [s for s in split if s not in SPLITS]:
+        raise SkipitError(f"unknown split {unknown[0]!r}; available: {', '.join(SPLITS)}")
+    at_least(1, n=n)
+    check_out_dir(out)
     for s in split:
         path = write_split(out, s, n, seed)
         console.print(f"wrote {path}")
@@ -42,6 +147,7 @@ def build(
     from skipit.demo.build import TRAINED_FILE
     from skipit.demo.build import build as build_model
 
+    check_out_dir(out)
     with console.status("assembling mini-llava (SmolLM2-135M + DINOv2 ViT-S/14 + projector)"):
         path = build_model(out, trained or TRAINED_FILE)
     console.print(f"mini-llava written to {path}")
@@ -66,6 +172,9 @@ def train_mini_llava(
     from skipit.demo.train import train
     from skipit.progress import progress
 
+    at_least(1, steps=steps, batch_size=batch_size, n_train=n_train)
+    at_least(0, lora_rank=lora_rank)
+    check_out_file(out)
     given = {"steps": steps, "batch_size": batch_size, "lr": lr, "lora_rank": lora_rank, "lora_lr": lora_lr,
              "n_train": n_train}
     options = {k: v for k, v in given.items() if v is not None}
@@ -92,8 +201,11 @@ def demo(
 
     from skipit.demo import pipeline
 
+    at_least(1, n_test=n_test, n_calib=n_calib, step=step)
+    check_out_dir(out)
     config = pipeline.DemoConfig(n_calib=n_calib, n_test=n_test, step=step)
-    head = pipeline.run(out, config, model_path=model, console=console)
+    with _interruptible(lambda: f"what is finished is saved in {out}"):
+        head = pipeline.run(out, config, model_path=model, console=console)
     answers = json.loads((out / "plans" / "empty.json").read_text())
     table = Table(title="mini-llava on shapes/test (first answers, no plan)")
     for col in ("question", "answer", "prediction", ""):
@@ -110,9 +222,6 @@ def demo(
         f"({head['accuracy_kept']:.1%} kept)[/bold]"
     )
     console.print(f"report: {head['report']}")
-
-
-EVAL_TASKS = ("vqa", "caption")
 
 
 @app.command("eval")
@@ -134,78 +243,21 @@ def eval_(
     out: Annotated[Path | None, typer.Option(help="Write the full result (with every prediction) as JSON")] = None,
 ) -> None:
     """VQA accuracy or captioning CIDEr-D of MODEL on DATA (optionally under a skip plan), with speed and memory."""
-    import torch
-
-    from skipit.analysis import _versions
-    from skipit.data.jsonl import load_records
-    from skipit.evaluation import caption, vqa
+    from skipit.evaluation.run import evaluate_model
     from skipit.io import write_json
 
-    if task not in EVAL_TASKS:
-        raise SkipitError(f"unknown task {task!r}: choose one of {', '.join(EVAL_TASKS)}")
-    if task != "vqa" and (blind or with_blind):
-        raise SkipitError("--blind and --with-blind score answers to questions: use them with --task vqa")
-    if blind and with_blind:
-        raise SkipitError("--with-blind already runs blind: give one of --blind and --with-blind")
-    records = load_records(data, limit=n)
-    (vqa if task == "vqa" else caption).check_scorable(records)  # before the slow model load
-    skip = _load_plan(plan)
-    vlm, processor = _load_vlm(model, skip)
-    torch.manual_seed(seed)
-    if task == "vqa":
-        result = _eval_vqa(vlm, processor, records, batch_size, blind, with_blind)
-    else:
-        result = _eval_caption(vlm, processor, records, batch_size)
+    check_out_file(out)
+    with _interruptible(lambda: "nothing was saved (eval writes its result when it has scored every record)"):
+        result = evaluate_model(model, data, plan=plan, task=task, n=n, batch_size=batch_size, seed=seed, blind=blind,
+                                with_blind=with_blind, measure_speed=measure_speed, progress=True,
+                                status=console.status)  # fmt: skip
     title = f"{model} on {data}" + (f" under {plan}" if plan else "") + (" (blind)" if blind else "")
-    (_print_vqa if task == "vqa" else _print_caption)(result, title)
-    if measure_speed:
-        result["speed"] = _eval_speed(vlm, processor, records, batch_size, task)
+    PRINTERS.get(task, _print_summary)(result, title)
+    if "speed" in result:
         _print_speed(result["speed"])
     if out:
-        config = {"model": str(model), "plan": None if skip is None else skip.to_dict(),
-                  "plan_path": None if plan is None else str(plan), "data": str(data), "n": n,
-                  "n_records": len(records), "seed": seed, "batch_size": batch_size, "task": task, "blind": blind,
-                  "with_blind": with_blind, "versions": _versions()}  # fmt: skip
-        write_json(out, {"config": config, **result})
+        write_json(out, result)
         console.print(f"result written to {out}")
-
-
-def _eval_vqa(vlm, processor, records, batch_size: int, blind: bool, with_blind: bool) -> dict:
-    from skipit.evaluation import vqa
-    from skipit.progress import progress
-
-    runs = {}
-    with progress("q") as bar:
-        for name in ["blind"] if blind else ["image", "blind"] if with_blind else ["image"]:
-            task = bar.add_task("answering" + (" (blind)" if name == "blind" else ""), total=len(records))
-            runs[name] = vqa.evaluate(vlm, processor, records, batch_size, blind=name == "blind",
-                                      on_batch=lambda k, t=task: bar.advance(t, k))  # fmt: skip
-    if not with_blind:
-        return next(iter(runs.values()))
-    return {**runs["image"], "blind": runs["blind"], "needs_image": vqa.needs_image(runs["image"], runs["blind"])}
-
-
-def _eval_caption(vlm, processor, records, batch_size: int) -> dict:
-    from skipit.evaluation import caption
-    from skipit.progress import progress
-
-    with progress("img") as bar:
-        task = bar.add_task("captioning", total=len(caption.by_image(records)))
-        return caption.evaluate(vlm, processor, records, batch_size, on_batch=lambda k: bar.advance(task, k))
-
-
-def _eval_speed(vlm, processor, records, batch_size: int, task: str) -> dict:
-    """Speed on the first batch of the evaluation's own prompts (real images, also for blind runs)."""
-    from skipit.evaluation import caption, vqa
-
-    if task == "vqa":
-        batch = records[:batch_size]
-        texts = [vqa.prompt_text(processor, r.question) for r in batch]
-    else:
-        batch = [rec for rec, _ in caption.by_image(records)[:batch_size]]
-        texts = [caption.prompt_text(processor)] * len(batch)
-    with console.status(f"measuring speed on a batch of {len(batch)}"):
-        return vqa.measure_speed(vlm, processor, [r.load_image() for r in batch], texts)
 
 
 def _fmt(x: float | None) -> str:
@@ -243,6 +295,14 @@ def _print_caption(result: dict, title: str) -> None:
     console.print(f"[bold]CIDEr-D: {result['cider']:.3f}[/bold] on {result['n']} images")
 
 
+def _print_summary(result: dict, title: str) -> None:
+    console.print(title)
+    console.print({k: v for k, v in result.items() if isinstance(v, int | float | str)})
+
+
+PRINTERS = {"vqa": _print_vqa, "caption": _print_caption}  # a task without one gets its numbers printed
+
+
 def _print_speed(s: dict) -> None:
     memory = "CUDA peak allocated" if s["peak_memory_kind"] == "cuda_max_allocated" else "peak resident set"
     table = Table(title=f"speed on the first batch ({s['batch']} x {s['prompt_tokens']} prompt tokens, {s['device']})")
@@ -276,13 +336,25 @@ def analyze_(
     from skipit.analysis import analyze, distributed_from_env
     from skipit.data.jsonl import load_records
 
+    at_least(1, n=n, batch_size=batch_size, shard_every=shard_every)
+    check_out_dir(out)
     records = load_records(data, limit=n)
     vlm, processor = models.load(model)
-    with distributed_from_env():
+    with distributed_from_env(), _interruptible(lambda: _shards_kept(out)):
         result = analyze(vlm, processor, records, batch_size=batch_size, ablation=ablation, seed=seed, run_dir=out,
                          shard_every=shard_every, model_path=model, data_path=str(data), progress=True)
     if result is not None:
         console.print(f"analysis of {len(records)} records written to {out / 'analysis.json'}")
+
+
+def _shards_kept(run_dir: Path) -> str:
+    from skipit.analysis import load_shard
+
+    shards = sorted((run_dir / "shards").glob("*.safetensors"))
+    if not shards:
+        return "nothing was saved yet (statistics are saved every --shard-every batches)"
+    done = sum(load_shard(path)[0]["done"] for path in shards)
+    return f"the statistics of {done} records are saved in {run_dir / 'shards'}"
 
 
 @app.command("plan")
@@ -306,11 +378,15 @@ def plan_(
     from skipit.analysis import Analysis
     from skipit.planner import Thresholds, make_plan
 
+    check_out_file(out)
+    if budget is not None and not 0 < budget < 1:
+        raise SkipitError(f"--budget is a fraction of the prefill FLOPs between 0 and 1, got {budget:g}")
     result = Analysis.load(analysis).result
     given = {"epsilon": epsilon, "delta": delta, "eta": eta, "tau": tau, "kappa": kappa}
     thresholds = replace(Thresholds(), **{k: v for k, v in given.items() if v is not None})
     plan = make_plan(result, thresholds, budget=budget, mode=mode, freeze_vision=freeze_vision, functional=functional)
     out = out or (analysis if analysis.is_dir() else analysis.parent) / "plan.json"
+    check_out_file(out)
     plan.save(out)
     _print_plan(plan)
     console.print(f"plan written to {out}")
@@ -344,36 +420,23 @@ def sweep(
     n_calib: Annotated[int, typer.Option(help="Calibration records the baselines use")] = 20,
     batch_size: int = 16,
     repeats: Annotated[int, typer.Option(help="Speed measurement rounds per plan")] = 3,
+    restart: Annotated[bool, typer.Option(help="Discard the results saved in OUT (else: resume)")] = False,
 ) -> None:
     """Many plans on one benchmark: accuracy, FLOPs, speed; predicted vs measured; baselines at matched FLOPs."""
-    from skipit import baselines as baselines_mod
-    from skipit.analysis import Analysis
-    from skipit.data.jsonl import load_records
-    from skipit.evaluation import sweep as sweep_mod
-    from skipit.progress import progress
+    from skipit.evaluation.run import sweep_model
 
-    vlm, processor = _load_vlm(model, None)
-    records = load_records(data, limit=n)
-    result = Analysis.load(analysis).result if analysis else None
-    plans, encoded = sweep_mod.grid(vlm, step), None
-    if result is not None:
-        chosen = baselines_mod.METHODS if methods is None else tuple(m.strip() for m in methods.split(",") if m.strip())
-        if unknown := [m for m in chosen if m not in baselines_mod.METHODS]:
-            raise SkipitError(f"unknown baselines {unknown}; choose from {', '.join(baselines_mod.METHODS)}")
-        try:
-            levels = [float(b) for b in budgets.split(",") if b.strip()]
-        except ValueError:
-            raise SkipitError(f"budgets must be comma-separated fractions, got {budgets!r}") from None
-        calib_records = load_records(calib, limit=n_calib) if calib else records[:n_calib]
-        encoded = sweep_mod.speed_batch(vlm, processor, records)
-        with console.status("ranking layers for the baselines"):
-            plans |= sweep_mod.compared_plans(vlm, processor, calib_records, result, encoded, levels, chosen)
-    with progress("plan") as bar:
-        task = bar.add_task("sweeping plans", total=len(plans))
-        summary = sweep_mod.run(vlm, processor, records, out, plans, analysis=result, batch_size=batch_size,
-                                repeats=repeats, encoded=encoded, on_plan=lambda name: bar.advance(task))  # fmt: skip
+    check_out_dir(out)
+    with _interruptible(lambda: _plans_kept(out), drop=("restart",)):
+        summary = sweep_model(model, data, out, analysis=analysis, calib=calib, n=n, step=step, budgets=budgets,
+                              methods=methods, n_calib=n_calib, batch_size=batch_size, repeats=repeats,
+                              restart=restart, progress=True, status=console.status)  # fmt: skip
     _print_sweep(summary)
     console.print(f"sweep written to {out / 'sweep.json'}")
+
+
+def _plans_kept(run_dir: Path) -> str:
+    saved = sorted((run_dir / "plans").glob("*.json"))
+    return f"{len(saved)} measured plans are saved in {run_dir / 'plans'}" if saved else "no plan was finished yet"
 
 
 def _print_sweep(summary: dict) -> None:
@@ -430,10 +493,16 @@ def generate(
     """Generate MODEL's reply to PROMPT about IMAGE, optionally under a skip plan; prints the text only."""
     import torch
 
-    from skipit.evaluation.speed import chat_inputs, load_image
+    from skipit.evaluation.run import load_plan, load_vlm
+    from skipit.prompts import chat_inputs, load_image
 
-    skip, picture = _load_plan(plan), load_image(image)
-    vlm, processor = _load_vlm(model, skip)
+    at_least(1, max_new_tokens=max_new_tokens)
+    if temperature <= 0:
+        raise SkipitError(f"--temperature must be positive, got {temperature:g}")
+    _no_placeholder(prompt, IMAGE_PLACEHOLDER)
+    skip, picture = load_plan(plan), load_image(image)
+    vlm, processor = load_vlm(model, skip)
+    _no_placeholder(prompt, getattr(processor, "image_token", None))
     inputs = chat_inputs(processor, [picture], [prompt])
     torch.manual_seed(seed)
     sampling = dict(do_sample=True, temperature=temperature) if sample else dict(do_sample=False)
@@ -441,6 +510,12 @@ def generate(
         out = vlm.generate(**inputs, max_new_tokens=max_new_tokens, **sampling)
     new = out[:, inputs["input_ids"].shape[1]:]
     typer.echo(processor.batch_decode(new, skip_special_tokens=True)[0].strip())
+
+
+def _no_placeholder(prompt: str, placeholder: str | None) -> None:
+    if placeholder and placeholder in prompt:
+        raise SkipitError(f"--prompt contains the image placeholder {placeholder!r}: skipit puts the image in the "
+                          "prompt itself, give the text only")  # fmt: skip
 
 
 @app.command()
@@ -456,27 +531,15 @@ def bench(
     out: Annotated[Path | None, typer.Option(help="Write the rows as JSON")] = None,
 ) -> None:
     """Speed of MODEL under PLAN against the untouched model: prefill, decode tokens/s, KV cache, FLOPs."""
-    from skipit.data.jsonl import load_records
     from skipit.evaluation import speed
+    from skipit.evaluation.run import bench_plan
     from skipit.io import write_json
 
-    if (data is None) == (image is None):
-        raise SkipitError("give either --data or --image")
-    skip = _load_plan(plan)
-    if image is not None:
-        images, prompts = [speed.load_image(image)] * batch_size, [prompt] * batch_size
-    else:
-        records = load_records(data, limit=batch_size)
-        records = [records[i % len(records)] for i in range(batch_size)]
-        images, prompts = [r.load_image() for r in records], [r.question for r in records]
-    vlm, processor = _load_vlm(model, None)
-    skip.check(vlm)
-    encoded, encode_s = speed.encode_images(vlm, speed.chat_inputs(processor, images, prompts))
-    configs = {"untouched": None, "plan": skip}
-    with console.status(f"measuring {repeats} rounds"):
-        runs = speed.compare(vlm, encoded, configs, new_tokens=new_tokens, repeats=repeats)
-    rows = speed.speed_rows(vlm, encoded, configs, runs, new_tokens)
-    table = Table(title=f"{plan}: batch {batch_size}, {encoded['input_ids'].shape[1]} prompt tokens")
+    check_out_file(out)
+    result = bench_plan(model, plan, data=data, image=image, prompt=prompt, batch_size=batch_size,
+                        new_tokens=new_tokens, repeats=repeats, status=console.status)  # fmt: skip
+    rows = result["rows"]
+    table = Table(title=f"{plan}: batch {batch_size}, {result['prompt_tokens']} prompt tokens")
     table.add_column("")  # one row per measure: fits a terminal
     for row in rows:
         table.add_column(row["config"], justify="right")
@@ -484,29 +547,12 @@ def bench(
     for i, (_, header, _) in enumerate(speed.COLUMNS[1:], 1):
         table.add_row(header, *(c[i] for c in cells))
     console.print(table)
-    console.print(f"vision encoder: {1e3 * encode_s:.0f} ms (not in the prefill times); medians of {repeats} rounds")
+    console.print(f"vision encoder: {1e3 * result['vision_encoder_s']:.0f} ms (not in the prefill times); medians of "
+                  f"{repeats} rounds")  # fmt: skip
     if out:
-        write_json(out, {"model": model, "plan": str(plan), "batch_size": batch_size, "rows": rows})
+        write_json(out, {k: result[k] for k in ("model", "plan", "batch_size", "rows")})
         console.print(f"rows written to {out}")
 
-
-def _load_plan(path: Path | None):
-    from skipit.plan import Plan
-
-    return Plan.load(path) if path is not None else None
-
-
-def _load_vlm(path: str, plan):
-    """(model, processor) of a vision-language model, with `plan` applied if given."""
-    from skipit import models
-    from skipit.skipping import apply_plan
-
-    model, processor = models.load(path)
-    if not hasattr(processor, "image_processor"):
-        raise SkipitError(f"{path} is not a vision-language model: this command needs an image input")
-    if plan is not None:
-        apply_plan(model, plan)
-    return model, processor
 
 def main() -> None:
     """Entry point: user errors become one line on stderr and exit code 2, never a traceback."""

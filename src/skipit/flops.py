@@ -155,6 +155,34 @@ def cost(
     return Cost(sum(layers) + logits * head, decode, layers, scores, kv_tokens, kv_bytes)
 
 
+def batch_costs(model: nn.Module, encoded: dict, plan: Plan | None, new_tokens: int) -> dict[str, float]:
+    """Analytical cost of a batch of model inputs under `plan`, summed over rows (each row's real tokens only):
+    prefill FLOPs, mean decode-step FLOPs over `new_tokens - 1` steps, and KV-cache bytes."""
+    import torch
+
+    from skipit.adapters import get_adapter
+
+    shape = Shape.from_model(model)
+    ids = encoded["input_ids"]
+    vision = get_adapter(model).vision_mask(ids, encoded)
+    vision = torch.zeros_like(ids, dtype=torch.bool) if vision is None else vision.cpu()
+    real = encoded.get("attention_mask", torch.ones_like(ids)).bool().cpu()
+    value_bytes = next(model.parameters()).element_size()
+    rows = [cost(shape, plan, vision[b][real[b]].tolist(), new_tokens - 1, bytes_per_value=value_bytes)
+            for b in range(ids.shape[0])]  # fmt: skip
+    return {
+        "prefill": sum(c.prefill for c in rows),
+        "decode": sum(c.decode_mean for c in rows),
+        "kv_bytes": sum(c.kv_bytes for c in rows),
+    }
+
+
+def prefill_saving(model: nn.Module, encoded: dict, plan: Plan) -> float:
+    """Fraction of the prefill FLOPs of the batch `encoded` that `plan` removes."""
+    plain, mine = (batch_costs(model, encoded, p, 1)["prefill"] for p in (None, plan))
+    return 1 - mine / plain
+
+
 def prompt_layout(n_vision: int, n_text: int, text_before: int = 0) -> list[bool]:
     """A prompt of `text_before` text tokens, then the vision tokens, then the rest of the text."""
     if not 0 <= text_before <= n_text:

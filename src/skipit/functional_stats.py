@@ -23,7 +23,7 @@ import torch
 
 from skipit.errors import SkipitError
 from skipit.measures.geometric import bootstrap_mean
-from skipit.stats import StatsConfig, _boot_matrix, _decode_meta, _encode_meta, _jsonable, example_hash
+from skipit.stats import StatsConfig, bootstrap_weight_matrix, decode_meta, encode_meta, example_hash, jsonable
 
 SLOPE_LOG10_RANGE = (-12.0, 4.0)  # slopes outside land in the end bins (the maximum stays exact)
 SLOPE_BINS = 1600  # 0.01 decade per bin
@@ -67,11 +67,20 @@ class FunctionalStats:
         self.slope_max = torch.zeros(*shape, dtype=torch.float64)  # slopes are >= 0; meaningful where abl_n > 0
         self.slope_hist = torch.zeros(*shape, SLOPE_BINS, dtype=torch.int64)
 
+    def update(self, example_ids: Sequence, kl: torch.Tensor, tv: torch.Tensor, *, layer: int | None = None,
+               modality: str | None = None, update_norm: torch.Tensor | None = None,
+               present: torch.Tensor | None = None) -> None:  # fmt: skip
+        """The `skipit.stats.Stats` update: a batch's logit lens, or with `layer` and `modality` one ablation."""
+        if layer is None:
+            self.update_lens(example_ids, kl, tv)
+        else:
+            self.update_ablation(example_ids, layer, modality, kl, tv, update_norm, present)
+
     def update_lens(self, example_ids: Sequence, kl: torch.Tensor, tv: torch.Tensor) -> None:
         """kl, tv: [B, L] for the batch's examples."""
         if kl.shape != (len(example_ids), self.num_layers) or tv.shape != kl.shape:
             raise SkipitError(f"logit-lens values must be [B, {self.num_layers}], got {tuple(kl.shape)}")
-        w = _boot_matrix(example_hash(example_ids), self.config)  # [B, R + 1]
+        w = bootstrap_weight_matrix(example_hash(example_ids), self.config)  # [B, R + 1]
         self.lens += torch.stack([kl.double().T, tv.double().T], 1).cpu() @ w
         self.lens_n += w.sum(0)
 
@@ -95,7 +104,7 @@ class FunctionalStats:
         if not ids:
             return
         kl, tv, norm = (v.double().cpu()[keep] for v in (kl, tv, update_norm))
-        w = _boot_matrix(example_hash(ids), self.config)
+        w = bootstrap_weight_matrix(example_hash(ids), self.config)
         self.abl[layer, m] += torch.stack([kl, tv, norm]) @ w
         self.abl_n[layer, m] += w.sum(0)
         moved = norm > 0  # an update of size 0 changes nothing: no slope to take
@@ -125,10 +134,10 @@ class FunctionalStats:
                 "modalities": list(self.modalities), "ablation": self.ablation, "config": asdict(self.config)}
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {"meta": _encode_meta(self._meta())} | {k: getattr(self, k).clone() for k in self._TENSORS}
+        return {"meta": encode_meta(self._meta())} | {k: getattr(self, k).clone() for k in self._TENSORS}
 
     def load_state_dict(self, sd: Mapping[str, torch.Tensor]) -> None:
-        meta = _decode_meta(sd["meta"])
+        meta = decode_meta(sd["meta"])
         if meta != self._meta():
             raise SkipitError(f"functional statistics were saved for another setup: {meta} vs {self._meta()}")
         for k in self._TENSORS:
@@ -136,7 +145,7 @@ class FunctionalStats:
 
     @classmethod
     def from_state_dict(cls, sd: Mapping[str, torch.Tensor]) -> FunctionalStats:
-        meta = _decode_meta(sd["meta"])
+        meta = decode_meta(sd["meta"])
         if meta.get("kind") != "FunctionalStats":
             raise SkipitError(f"not FunctionalStats statistics: {meta.get('kind')!r}")
         stats = cls(meta["num_layers"], meta["modalities"], StatsConfig(**meta["config"]), meta["ablation"])
@@ -155,7 +164,7 @@ class FunctionalStats:
         if self.ablation:
             out["ablation"] = {m: self._ablation_measures(i, ci_level, quantiles)
                                for i, m in enumerate(self.modalities)}
-        return _jsonable(out)
+        return jsonable(out)
 
     def _ablation_measures(self, m: int, ci_level: float, quantiles: Sequence[float]) -> dict:
         sums, n = self.abl[:, m].numpy(), self.abl_n[:, m].numpy()

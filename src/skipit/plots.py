@@ -17,7 +17,7 @@ from skipit.result import AnalysisResult, Series, VarProfile, as_result
 COLORS = {"vision": "tab:orange", "text": "tab:blue"}
 
 
-def _arr(values) -> np.ndarray:
+def as_array(values) -> np.ndarray:
     return np.array([np.nan if v is None else v for v in values], dtype=np.float64)
 
 
@@ -36,23 +36,23 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def _line(ax, layers, stat: Series | list | None, label: str, color: str | None = None) -> bool:
+def plot_series(ax, layers, stat: Series | list | None, label: str, color: str | None = None) -> bool:
     """Plot mean (and its CI band when present); False when there is nothing (finite) to plot."""
     if stat is None:
         return False
     series = stat if isinstance(stat, Series) else Series(list(stat))
-    mean = _arr(series.mean)
+    mean = as_array(series.mean)
     if ax.get_yscale() == "log":  # zeros (an update that changes nothing) have no place on a log axis
         mean[mean <= 0] = np.nan
     if not np.isfinite(mean).any():
         return False
     ax.plot(layers, mean, marker="o", ms=3, label=label, color=color)
     if series.ci_low is not None and series.ci_high is not None:
-        ax.fill_between(layers, _arr(series.ci_low), _arr(series.ci_high), alpha=0.2, color=color, lw=0)
+        ax.fill_between(layers, as_array(series.ci_low), as_array(series.ci_high), alpha=0.2, color=color, lw=0)
     return True
 
 
-def _pyplot():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
@@ -62,7 +62,7 @@ def _pyplot():
 
 
 def _figure(title: str, ylabel: str, log: bool = False):
-    fig, ax = _pyplot().subplots(figsize=(6.4, 3.4), layout="constrained")
+    fig, ax = pyplot().subplots(figsize=(6.4, 3.4), layout="constrained")
     ax.set_title(title, fontsize=10)
     ax.set_xlabel("decoder layer j (maps X_j to X_j+1)")
     ax.set_ylabel(ylabel)
@@ -77,7 +77,7 @@ def _done(fig, drawn: bool, **legend):
     if drawn:
         fig.axes[0].legend(fontsize=8, **legend)
         return fig
-    _pyplot().close(fig)
+    pyplot().close(fig)
     return None
 
 
@@ -86,7 +86,7 @@ def _per_modality(result: AnalysisResult, title: str, ylabel: str, pick, log: bo
     fig, ax = _figure(title, ylabel, log)
     drawn = False
     for modality in result.all_modalities:
-        drawn |= _line(ax, result.layers, pick(modality), modality, COLORS.get(modality))
+        drawn |= plot_series(ax, result.layers, pick(modality), modality, COLORS.get(modality))
     return _done(fig, drawn)
 
 
@@ -117,14 +117,14 @@ def measure_figures(result: AnalysisResult, delta: float = 0.01) -> dict:
         fig, ax = _figure("Ablation gap E[TV] (solid), bound K_q0.9 E||update|| (dashed)", "TV", log=True)
         drawn = False
         for m in result.ablated_modalities:
-            if _line(ax, layers, result.ablation(m, "tv"), f"{m} gap", COLORS.get(m)):
+            if plot_series(ax, layers, result.ablation(m, "tv"), f"{m} gap", COLORS.get(m)):
                 drawn = True
-                bound = _arr(result.lipschitz_bound(m, "q0.9") or [None] * len(layers))
+                bound = as_array(result.lipschitz_bound(m, "q0.9") or [None] * len(layers))
                 bound[bound <= 0] = np.nan
                 ax.plot(layers, bound, ls="--", color=COLORS.get(m), label=f"{m} bound (K at q0.9)")
         figures["lipschitz"] = _done(fig, drawn)
     fig, ax = _figure("Logit lens at the answer: KL(P(X_j+1) || P(X_j))", "KL (nats)", log=True)
-    figures["logit_lens"] = _done(fig, _line(ax, layers, result.logit_lens("kl"), "answer position (text)",
+    figures["logit_lens"] = _done(fig, plot_series(ax, layers, result.logit_lens("kl"), "answer position (text)",
                                              COLORS["text"]))  # fmt: skip
     return {name: fig for name, fig in figures.items() if fig is not None}
 
@@ -136,10 +136,10 @@ def var_figure(result: AnalysisResult):
     if var is None:
         return None
     fig, ax = _figure("VAR: attention of text queries on vision keys", "share of attention")
-    drawn = _line(ax, result.layers, var.share, "VAR", "tab:purple")
+    drawn = plot_series(ax, result.layers, var.share, "VAR", "tab:purple")
     if drawn and var.normalised is not None:
         ax2 = ax.twinx()
-        ax2.plot(result.layers, _arr(var.normalised.mean), ls="--", color="tab:gray", label="normalised")
+        ax2.plot(result.layers, as_array(var.normalised.mean), ls="--", color="tab:gray", label="normalised")
         ax2.axhline(1.0, color="tab:gray", lw=0.5)
         ax2.set_ylabel("VAR / vision share of keys (dashed)")
     return _done(fig, drawn, loc="upper right")
@@ -147,7 +147,7 @@ def var_figure(result: AnalysisResult):
 
 def plot_analysis(result: AnalysisResult, out_dir: str | Path) -> list[Path]:
     """Write the PNGs of every measure present in `result` to out_dir."""
-    plt = _pyplot()
+    plt = pyplot()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     figures = measure_figures(result)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from skipit.errors import SkipitError
 from skipit.io import write_text
-from skipit.plots import _arr, _line, _pyplot, measure_figures, tail_delta
+from skipit.plots import as_array, measure_figures, plot_series, pyplot, tail_delta
 from skipit.result import AnalysisResult, VarProfile
 
 REPORT = "report.html"
@@ -177,7 +177,7 @@ class _Charts:
     def svg(self, fig, caption: str = "") -> str:
         import matplotlib
 
-        plt = _pyplot()
+        plt = pyplot()
         self.count += 1
         buf = io.StringIO()
         try:
@@ -247,15 +247,15 @@ def _shade(fig, bands: dict, num_layers: int) -> None:
 def _var_figure(var: VarProfile, layers: list, ci: str):
     if var.normalised is None:
         raise ValueError("no var_normalised")
-    fig, axes = _pyplot().subplots(2, 1, figsize=(10.0, 5.2), sharex=True, layout="constrained")
+    fig, axes = pyplot().subplots(2, 1, figsize=(10.0, 5.2), sharex=True, layout="constrained")
     raw, norm = axes
     raw.set_title("VAR: share of the text queries' attention on vision keys", fontsize=10)
-    _line(raw, layers, var.share, f"VAR ({ci} CI)", "tab:purple")
+    plot_series(raw, layers, var.share, f"VAR ({ci} CI)", "tab:purple")
     if var.expected_share:
-        raw.plot(layers, _arr(var.expected_share), ls=":", color="tab:gray", label="vision share of keys")
+        raw.plot(layers, as_array(var.expected_share), ls=":", color="tab:gray", label="vision share of keys")
     raw.set_ylabel("share of attention")
     raw.legend(fontsize=7)
-    _line(norm, layers, var.normalised, f"VAR / vision share of keys ({ci} CI)", "tab:purple")
+    plot_series(norm, layers, var.normalised, f"VAR / vision share of keys ({ci} CI)", "tab:purple")
     norm.axhline(1.0, color="tab:gray", lw=0.8, ls="--", label="uniform attention")
     norm.set_ylabel("normalised VAR")
     norm.set_xlabel("decoder layer j (maps X_j to X_j+1)")
@@ -421,7 +421,7 @@ def _family_colors(plans: list[dict]) -> dict[str, str]:
 def _scatter_figure(plans: list[dict], measures: list[str], correlation: dict, lost: set):
     from matplotlib.lines import Line2D
 
-    plt = _pyplot()
+    plt = pyplot()
     cols = min(3, len(measures))
     rows = math.ceil(len(measures) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(3.0 * cols + 1.6, 2.9 * rows), sharey=True, squeeze=False,

@@ -29,6 +29,7 @@ import json
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -39,6 +40,28 @@ from skipit.measures.geometric import bootstrap_mean, layer_distances
 from skipit.measures.informational import centered_gram, informational_by_layer, pca_scores
 from skipit.measures.proximal import bin_index, tail_probability
 from skipit.measures.var import var_from_sums, vision_attention_terms
+
+
+@runtime_checkable
+class Stats(Protocol):
+    """What every accumulator (LayerStats, AttentionStats, skipit.functional_stats.FunctionalStats) implements:
+    `update` with a batch, `merge` another accumulator of the same setup (exactly: the result equals one pass over
+    both), `state_dict` / `load_state_dict` / `from_state_dict` to save and resume, and `finalize` into JSON-able
+    measures. The analysis saves, merges and finalizes its accumulators through these names only."""
+
+    def update(self, *args: Any, **kwargs: Any) -> None: ...
+
+    def merge(self, other: Any) -> Any: ...
+
+    def state_dict(self) -> dict[str, torch.Tensor]: ...
+
+    def load_state_dict(self, sd: Mapping[str, torch.Tensor]) -> None: ...
+
+    @classmethod
+    def from_state_dict(cls, sd: Mapping[str, torch.Tensor]) -> Any: ...
+
+    def finalize(self, *args: Any, **kwargs: Any) -> dict: ...
+
 
 # ---------------------------------------------------------------- hashing: reproducible randomness from ids
 
@@ -108,16 +131,16 @@ class MeasureConfig:
     stability_top_k: int | None = None  # layers picked per measure in the stability check; None: L // 4
 
 
-def _jsonable(x):
+def jsonable(x):
     """Arrays and tensors to lists, NaN to None, recursively."""
     if isinstance(x, torch.Tensor):
         x = x.numpy()
     if isinstance(x, np.ndarray):
-        return _jsonable(x.tolist())
+        return jsonable(x.tolist())
     if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
+        return {str(k): jsonable(v) for k, v in x.items()}
     if isinstance(x, list | tuple):
-        return [_jsonable(v) for v in x]
+        return [jsonable(v) for v in x]
     if isinstance(x, np.generic):
         x = x.item()
     if isinstance(x, float) and not math.isfinite(x):
@@ -125,11 +148,11 @@ def _jsonable(x):
     return x
 
 
-def _encode_meta(meta: dict) -> torch.Tensor:
+def encode_meta(meta: dict) -> torch.Tensor:
     return torch.tensor(list(json.dumps(meta, sort_keys=True).encode()), dtype=torch.uint8)
 
 
-def _decode_meta(t: torch.Tensor) -> dict:
+def decode_meta(t: torch.Tensor) -> dict:
     return json.loads(bytes(t.tolist()).decode())
 
 
@@ -152,7 +175,7 @@ def _check_batch(example_ids, modality_masks, valid_mask, modalities, shape) -> 
     return ids, valid
 
 
-def _boot_matrix(ex_hash: np.ndarray, config: StatsConfig) -> torch.Tensor:
+def bootstrap_weight_matrix(ex_hash: np.ndarray, config: StatsConfig) -> torch.Tensor:
     """float64 [B, R + 1]: column 0 the plain weight 1, then the bootstrap weights."""
     w = poisson_weights(ex_hash, config.n_bootstrap, config.seed)
     return torch.from_numpy(np.hstack([np.ones((len(ex_hash), 1)), w]))
@@ -272,7 +295,7 @@ class LayerStats:
         masks = torch.stack([valid & modality_masks[m].bool().cpu() if m in modality_masks else zeros
                              for m in self.modalities])  # [M, B, T]
         ex_hash = example_hash(ids)
-        w = _boot_matrix(ex_hash, self.config)
+        w = bootstrap_weight_matrix(ex_hash, self.config)
         self.counts += (masks.sum(-1).double() @ w)[None]  # the same tokens at every layer
 
         b, t = valid.nonzero(as_tuple=True)
@@ -328,14 +351,14 @@ class LayerStats:
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Tensors only (the setup is JSON in a uint8 tensor 'meta'), so safetensors can save it as is."""
-        sd = {"meta": _encode_meta(self._meta()), "sums": self.sums, "counts": self.counts, "hist": self.hist}
+        sd = {"meta": encode_meta(self._meta()), "sums": self.sums, "counts": self.counts, "hist": self.hist}
         for m, sk in self.sketches.items():
             sd |= {f"sketch.{m}.keys": sk.keys, f"sketch.{m}.example_hash": sk.example_hash,
                    f"sketch.{m}.states": sk.states}
         return {k: v.contiguous() for k, v in sd.items()}
 
     def load_state_dict(self, sd: Mapping[str, torch.Tensor]) -> None:
-        meta = _decode_meta(sd["meta"])
+        meta = decode_meta(sd["meta"])
         if meta != self._meta():
             raise SkipitError(f"statistics were saved for another setup: {meta} vs {self._meta()}")
         self.sums, self.counts, self.hist = sd["sums"].clone(), sd["counts"].clone(), sd["hist"].clone()
@@ -345,7 +368,7 @@ class LayerStats:
 
     @classmethod
     def from_state_dict(cls, sd: Mapping[str, torch.Tensor]) -> LayerStats:
-        meta = _decode_meta(sd["meta"])
+        meta = decode_meta(sd["meta"])
         if meta.get("kind") != "LayerStats":
             raise SkipitError(f"not LayerStats statistics: {meta.get('kind')!r}")
         cfg = StatsConfig(**meta["config"])
@@ -391,7 +414,7 @@ class LayerStats:
                 dist = {"cosine": rho["mean"], "angular": ang["mean"], "cka": 1.0 - np.asarray(entry["cka"]["value"])}
                 entry["decision_stability"] = decision_stability(dist, "cosine", top_k=top_k)
             out["modalities"][m] = entry
-        return _jsonable(out)
+        return jsonable(out)
 
     def _sketch_measures(self, modality: str, mc: MeasureConfig) -> dict:
         sk = self.sketches[modality]
@@ -469,7 +492,7 @@ class AttentionStats:
         if bad.any():
             example = ids[int(bad.nonzero()[0, 0])]
             raise SkipitError(f"attention weights of layer {layer} have NaN or inf values for example {example!r}")
-        w = _boot_matrix(example_hash(ids), self.config)
+        w = bootstrap_weight_matrix(example_hash(ids), self.config)
         self.mass[layer] += mass.sum(1) @ w
         self.share[layer] += share.sum(1) @ w
         self.n[layer] += counted.sum(1).double() @ w
@@ -489,18 +512,18 @@ class AttentionStats:
                 "config": asdict(self.config)}
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {"meta": _encode_meta(self._meta()), "mass": self.mass.clone(), "share": self.share.clone(),
+        return {"meta": encode_meta(self._meta()), "mass": self.mass.clone(), "share": self.share.clone(),
                 "n": self.n.clone()}
 
     def load_state_dict(self, sd: Mapping[str, torch.Tensor]) -> None:
-        meta = _decode_meta(sd["meta"])
+        meta = decode_meta(sd["meta"])
         if meta != self._meta():
             raise SkipitError(f"attention statistics were saved for another setup: {meta} vs {self._meta()}")
         self.mass, self.share, self.n = sd["mass"].clone(), sd["share"].clone(), sd["n"].clone()
 
     @classmethod
     def from_state_dict(cls, sd: Mapping[str, torch.Tensor]) -> AttentionStats:
-        meta = _decode_meta(sd["meta"])
+        meta = decode_meta(sd["meta"])
         if meta.get("kind") != "AttentionStats":
             raise SkipitError(f"not AttentionStats statistics: {meta.get('kind')!r}")
         stats = cls(meta["num_layers"], meta["query_modalities"], meta["key_modality"], StatsConfig(**meta["config"]))
@@ -511,4 +534,4 @@ class AttentionStats:
         """var and var_normalised (mean, ci_low, ci_high), expected_share, n_queries; lists over layers 0..L-1."""
         res = var_from_sums(self.mass.numpy(), self.share.numpy(), self.n.numpy(), ci_level)
         res["n_queries"] = res["n_queries"].astype(np.int64)
-        return _jsonable({"layers": list(range(self.num_layers)), **res})
+        return jsonable({"layers": list(range(self.num_layers)), **res})

@@ -38,6 +38,11 @@ def cider_d(candidates: Sequence[str], references: Sequence[Sequence[str]]) -> t
     return float(score), [float(s) for s in scores]
 
 
+def check_options(blind: bool = False, with_blind: bool = False) -> None:
+    if blind or with_blind:
+        raise SkipitError("--blind and --with-blind score answers to questions: use them with --task vqa")
+
+
 def check_scorable(records) -> None:
     missing = [r.id for r in records if not tokenize(str(r.caption or ""))]
     if missing:
@@ -80,3 +85,20 @@ def evaluate(
         for (rec, refs), pred, s in zip(examples, predictions, scores, strict=True)
     ]
     return {"cider": score, "n": len(rows), "predictions": rows}
+
+
+# ---------------------------------------------------------------- the task (see skipit.evaluation)
+
+
+def run(model, processor, records, batch_size: int = 16, *, blind: bool = False, with_blind: bool = False,
+        track: Callable[[str, int], Callable[[int], None]] | None = None) -> dict:  # fmt: skip
+    """`evaluate`, with progress per image."""
+    check_options(blind, with_blind)
+    advance = track("captioning", len(by_image(records))) if track else None
+    return evaluate(model, processor, records, batch_size, on_batch=advance)
+
+
+def speed_prompts(processor, records, batch_size: int) -> tuple[list, list[str]]:
+    """The first batch of distinct images and the caption prompt."""
+    batch = [rec for rec, _ in by_image(records)[:batch_size]]
+    return [r.load_image() for r in batch], [prompts.caption_text(processor)] * len(batch)

@@ -26,12 +26,10 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from skipit import compat
-from skipit.adapters import get_adapter
 from skipit.errors import SkipitError
-from skipit.flops import Shape, cost
+from skipit.flops import batch_costs
 from skipit.plan import Plan
-from skipit.prompts import chat_inputs as chat_inputs  # re-exported for `skipit generate` and `skipit bench`
-from skipit.prompts import load_image as load_image
+from skipit.prompts import model_inputs
 from skipit.skipping import apply_plan, remove_plan
 
 
@@ -172,20 +170,32 @@ def compare(
     return runs
 
 
-def prompt_costs(model, encoded: dict, plan: Plan | None, new_tokens: int):
-    """Analytical cost of the batch under `plan`, summed over rows (each row's real tokens only)."""
-    shape = Shape.from_model(model)
-    ids = encoded["input_ids"]
-    vision = get_adapter(model).vision_mask(ids, encoded)
-    vision = torch.zeros_like(ids, dtype=torch.bool) if vision is None else vision.cpu()
-    real = encoded.get("attention_mask", torch.ones_like(ids)).bool().cpu()
-    value_bytes = next(model.parameters()).element_size()
-    rows = [cost(shape, plan, vision[b][real[b]].tolist(), new_tokens - 1, bytes_per_value=value_bytes)
-            for b in range(ids.shape[0])]  # fmt: skip
+def measure_generation(model, processor, images, texts, new_tokens: int = 16, repeats: int = 3) -> dict:
+    """Prefill, time to first token, decode speed and peak memory of generation on one batch of prompts, under
+    whatever plan the model follows now (medians of `repeats` runs after one warm-up run).
+
+    The vision encoder runs once beforehand and is reported apart: a plan changes the language backbone only.
+    Peak memory is CUDA's peak allocated, or on CPU the process' peak resident set over the run (`_PeakMemory`).
+    """
+    encoded, encode_s = encode_images(model, model_inputs(processor, texts, images, device=model.device))
+    runs = compare(model, encoded, {"eval": None}, new_tokens=new_tokens, repeats=repeats)["eval"]
+
+    def median(key: Callable[[Run], float]) -> float:
+        return statistics.median(key(r) for r in runs)
+
     return {
-        "prefill": sum(c.prefill for c in rows),
-        "decode": sum(c.decode_mean for c in rows),
-        "kv_bytes": sum(c.kv_bytes for c in rows),
+        "batch": len(texts),
+        "prompt_tokens": encoded["input_ids"].shape[1],
+        "new_tokens": new_tokens,
+        "repeats": repeats,
+        "device": str(model.device),
+        "vision_encoder_ms": 1e3 * encode_s,
+        "prefill_ms": 1e3 * median(lambda r: r.prefill_s),
+        "first_token_ms": 1e3 * median(lambda r: r.first_token_s),
+        "decode_tokens_per_s": median(lambda r: r.tokens_per_s),
+        "kv_cache_mib": median(lambda r: r.kv_bytes) / 2**20,
+        "peak_memory_mib": median(lambda r: r.peak_bytes) / 2**20,
+        "peak_memory_kind": "cuda_max_allocated" if model.device.type == "cuda" else "peak_resident_set",
     }
 
 
@@ -199,10 +209,10 @@ def speed_rows(
 ) -> list[dict]:  # fmt: skip
     """One row per configuration: medians, measured and ideal (FLOPs) ratios to `baseline`."""
     base_runs = runs[baseline]
-    base = prompt_costs(model, encoded, configs[baseline], new_tokens)
+    base = batch_costs(model, encoded, configs[baseline], new_tokens)
     rows = []
     for name, plan in configs.items():
-        mine, c = runs[name], prompt_costs(model, encoded, plan, new_tokens)
+        mine, c = runs[name], batch_costs(model, encoded, plan, new_tokens)
         prefill_speedup = _median_ratio(base_runs, mine, lambda r: r.prefill_s)
         ideal_prefill = base["prefill"] / c["prefill"]
         rows.append({

@@ -7,7 +7,9 @@ correlation between each measure's prediction and the measured accuracy drop (bo
 plan called safe that still loses more than `lost_points` points: the framework's own falsification test.
 
 Each plan's result is written to RUN_DIR/plans/NAME.json as soon as it is measured, so an interrupted sweep resumes
-without redoing finished plans; RUN_DIR/sweep.json holds everything at the end.
+without redoing finished plans; RUN_DIR/sweep.json holds everything at the end. Every saved result carries the key
+of what it was measured with (`run_key`: the model's fingerprint, the records' digest, the settings that change the
+numbers); a sweep refuses a folder holding results under another key (`check_saved`) unless told to restart.
 """
 
 from __future__ import annotations
@@ -18,14 +20,17 @@ from collections.abc import Callable
 from pathlib import Path
 
 from skipit import baselines
+from skipit.analysis import records_digest
 from skipit.errors import SkipitError
 from skipit.evaluation import speed, vqa
 from skipit.io import write_json
-from skipit.plan import Plan
+from skipit.measures import spearman
+from skipit.plan import Plan, fingerprint
 from skipit.planner import MEASURES, ablation_kl, is_safe, make_plan, predicted_damage
 from skipit.skipping import apply_plan, remove_plan
 
 FORMAT, VERSION = "skipit-sweep", 1
+SPEED_BATCH, SPEED_NEW_TOKENS = 8, 8  # the speed batch: the first records' prompts; tokens generated per run
 GRID = ("late_entry", "early_exit", "vision_frozen", "layer_skip")  # the families the correlations are over
 
 
@@ -45,11 +50,15 @@ def grid(model, step: int = 3) -> dict[str, tuple[str, Plan]]:
 
 
 def compared_plans(model, processor, calib, analysis: dict, encoded: dict, budgets: list[float],
-                   methods: tuple[str, ...] = baselines.METHODS) -> dict[str, tuple[str, Plan]]:  # fmt: skip
+                   methods: tuple[str, ...] | None = None) -> dict[str, tuple[str, Plan]]:  # fmt: skip
     """skipit's own plans (default thresholds, without and with frozen vision layers, and with functional freezing
     when the analysis has the ablation KL), FastV's own, and skipit and each baseline at every FLOPs budget
     ("method@budget").
-    A method that cannot reach a budget (say, VTW past what removing every vision token saves) is left out there."""
+    A method that cannot reach a budget (say, VTW past what removing every vision token saves) is left out there.
+    `methods`: registered baseline names (`skipit.baselines.available()`, the default)."""
+    methods = baselines.available() if methods is None else tuple(methods)
+    for m in methods:
+        baselines.get_baseline(m)  # an unknown name is an error, not an empty column
     out = {"skipit": ("skipit", make_plan(analysis)),
            "skipit+freeze": ("skipit", make_plan(analysis, freeze_vision=True))}
     if ablation_kl(analysis).get("vision"):  # analyze --ablation
@@ -77,8 +86,8 @@ def measure_plan(model, processor, records, plan: Plan, encoded: dict, batch_siz
     finally:
         remove_plan(model)
     configs = {"untouched": None, "plan": plan}
-    runs = speed.compare(model, encoded, configs, new_tokens=8, repeats=repeats)
-    row = speed.speed_rows(model, encoded, configs, runs, new_tokens=8)[1]
+    runs = speed.compare(model, encoded, configs, new_tokens=SPEED_NEW_TOKENS, repeats=repeats)
+    row = speed.speed_rows(model, encoded, configs, runs, new_tokens=SPEED_NEW_TOKENS)[1]
     return {
         "accuracy": result["accuracy"],
         "per_type": {t: v["accuracy"] for t, v in result["per_type"].items()},
@@ -92,9 +101,48 @@ def measure_plan(model, processor, records, plan: Plan, encoded: dict, batch_siz
     }
 
 
-def speed_batch(model, processor, records, n: int = 8) -> dict:
+def speed_batch(model, processor, records, n: int = SPEED_BATCH) -> dict:
     """One batch of the benchmark's own prompts, vision features precomputed, for the speed measurements."""
     return speed.encode_images(model, vqa.record_inputs(model, processor, records[:n]))[0]
+
+
+def run_key(model, records, batch_size: int, repeats: int) -> dict:
+    """What a saved result was measured with: the model's weights, the scored records (answers included) and every
+    setting that changes a number. Results under different keys never mix."""
+    return {"fingerprint": fingerprint(model), "records": records_digest(records, labels=True), "n": len(records),
+            "batch_size": batch_size, "repeats": repeats, "speed_batch": SPEED_BATCH,
+            "speed_new_tokens": SPEED_NEW_TOKENS}  # fmt: skip
+
+
+def saved_files(run_dir: str | Path) -> list[Path]:
+    """The results a sweep saved in RUN_DIR: plans/*.json and sweep.json."""
+    run_dir = Path(run_dir)
+    return sorted((run_dir / "plans").glob("*.json")) + [p for p in [run_dir / "sweep.json"] if p.is_file()]
+
+
+def check_saved(run_dir: str | Path, key: dict, restart: bool = False) -> None:
+    """Refuse RUN_DIR if it holds results measured under another key; with `restart`, delete them instead."""
+    for path in saved_files(run_dir):
+        if restart:
+            path.unlink()
+            continue
+        try:
+            theirs = json.loads(path.read_text()).get("key")
+        except (OSError, ValueError, AttributeError):
+            theirs = "unreadable"
+        if theirs != key:
+            raise SkipitError(f"{path} holds a result measured {_difference(theirs, key)}: use a fresh --out, or "
+                              "pass --restart to discard the saved results")  # fmt: skip
+
+
+def _difference(theirs, mine: dict) -> str:
+    if theirs == "unreadable":
+        return "that cannot be read back"
+    if not isinstance(theirs, dict):
+        return "before results were keyed (model, records, settings unknown)"
+    names = {"fingerprint": "another model", "records": "on other records"}
+    diffs = [names.get(k) or f"with {k} {theirs.get(k)!r} (now {v!r})" for k, v in mine.items() if theirs.get(k) != v]
+    return ", ".join(diffs) or "under another key"
 
 
 def run(
@@ -109,14 +157,18 @@ def run(
     lost_points: float = 2.0,
     on_plan: Callable[[str], None] | None = None,
     encoded: dict | None = None,
+    restart: bool = False,
 ) -> dict:
     """Measure every plan (resuming from RUN_DIR/plans/), then correlate; writes RUN_DIR/sweep.json. `encoded`: the
-    speed batch (`speed_batch` of the same records), when the caller has it already."""
+    speed batch (`speed_batch` of the same records), when the caller has it already. Results saved under another
+    key (`run_key`) are an error, or with `restart` deleted first."""
     if not records:
         raise SkipitError("the sweep has no records to score")
     run_dir = Path(run_dir)
     if "empty" not in plans:
         raise SkipitError("a sweep needs the empty plan as its reference")
+    key = run_key(model, records, batch_size, repeats)
+    check_saved(run_dir, key, restart)
     encoded = speed_batch(model, processor, records) if encoded is None else encoded
     done = {}
     for name, (family, plan) in plans.items():
@@ -124,21 +176,24 @@ def run(
         if path.is_file():
             saved = json.loads(path.read_text())
             # read back through Plan, so files written before a plan field existed still match
-            if Plan.from_dict(saved["plan"]).to_dict() == plan.to_dict() and saved["n"] == len(records):
+            if Plan.from_dict(saved["plan"]).to_dict() == plan.to_dict() and saved["key"] == key:
                 done[name] = saved
                 if on_plan:
                     on_plan(name)
                 continue
-        row = {"name": name, "family": family, "plan": plan.to_dict(), "n": len(records)}
+        row = {"name": name, "family": family, "plan": plan.to_dict(), "n": len(records), "key": key}
         row |= measure_plan(model, processor, records, plan, encoded, batch_size, repeats)
         write_json(path, row)
         done[name] = row
         if on_plan:
             on_plan(name)
-    return summarise(done, analysis, run_dir, lost_points, meta={"n": len(records)})
+    return summarize(done, analysis, run_dir, lost_points, meta={"n": len(records)}, key=key)
 
 
-def summarise(done: dict[str, dict], analysis: dict | None, run_dir: Path, lost_points: float, meta: dict) -> dict:
+def summarize(done: dict[str, dict], analysis: dict | None, run_dir: Path, lost_points: float, meta: dict,
+              key: dict | None = None) -> dict:  # fmt: skip
+    """RUN_DIR/sweep.json from the measured rows: accuracy drops, the baselines table and, with an analysis, the
+    predictions, correlations and falsification list."""
     reference = done["empty"]["accuracy"]
     rows = []
     for row in done.values():
@@ -148,7 +203,7 @@ def summarise(done: dict[str, dict], analysis: dict | None, run_dir: Path, lost_
     result = {
         "format": FORMAT, "version": VERSION,
         "model": {"fingerprint": done["empty"]["plan"]["fingerprint"], "class": done["empty"]["plan"]["architecture"]},
-        "data": meta, "reference": {"accuracy": reference}, "plans": rows,
+        "data": meta, "key": key, "reference": {"accuracy": reference}, "plans": rows,
     }  # fmt: skip
     reference_row = done["empty"]
     result["reference"] |= {k: reference_row[k] for k in ("per_type",)}
@@ -181,14 +236,6 @@ def judge(rows: list[dict], analysis: dict, lost_points: float) -> dict:
                           if r["family"] != "empty" and r["safe"] and r["accuracy_drop"] > lost_points],
         "lost_points": lost_points,
     }  # fmt: skip
-
-
-def spearman(x: list[float], y: list[float]) -> float:
-    from scipy.stats import spearmanr
-
-    if len(set(x)) < 2 or len(set(y)) < 2:
-        return float("nan")
-    return float(spearmanr(x, y).statistic)
 
 
 def correlations(rows: list[dict], n_boot: int = 1000, seed: int = 0) -> dict:

@@ -1,11 +1,10 @@
 """Visual question answering: batched greedy answers, exact-match and VQA soft-accuracy scoring, the "needs the
-image" breakdown of a blind run, and the speed of generation on one batch of evaluation prompts. Prompts and model
+image" breakdown of a blind run. Prompts and model
 inputs come from `skipit.prompts`."""
 
 from __future__ import annotations
 
 import re
-import statistics
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 
@@ -14,10 +13,12 @@ from PIL import Image
 
 from skipit import prompts
 from skipit.errors import SkipitError
+from skipit.evaluation import speed
 
 # re-exported for the callers that read them here (the CLI, mini-llava's training, lmms' shapes_vqa task, sweeps)
 ANSWER_INSTRUCTION = prompts.ANSWER_INSTRUCTION
 prompt_text = prompts.question_text
+measure_speed = speed.measure_generation
 
 _NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"]
 _NUMBERS = {w: str(i) for i, w in enumerate(_NUMBER_WORDS)}
@@ -78,38 +79,12 @@ def answer(
     return generate_texts(model, processor, images, texts, max_new_tokens)
 
 
-def measure_speed(model, processor, images, texts, new_tokens: int = 16, repeats: int = 3) -> dict:
-    """Prefill, time to first token, decode speed and peak memory of generation on one batch of prompts, under
-    whatever plan the model follows now (medians of `repeats` runs after one warm-up run).
-
-    The vision encoder runs once beforehand and is reported apart: a plan changes the language backbone only.
-    Peak memory is CUDA's peak allocated, or on CPU the process' peak resident set over the run (see `speed`).
-    """
-    from skipit.evaluation import speed
-
-    encoded, encode_s = speed.encode_images(model, prompts.model_inputs(processor, texts, images, device=model.device))
-    runs = speed.compare(model, encoded, {"eval": None}, new_tokens=new_tokens, repeats=repeats)["eval"]
-
-    def median(key: Callable[[speed.Run], float]) -> float:
-        return statistics.median(key(r) for r in runs)
-
-    return {
-        "batch": len(texts),
-        "prompt_tokens": encoded["input_ids"].shape[1],
-        "new_tokens": new_tokens,
-        "repeats": repeats,
-        "device": str(model.device),
-        "vision_encoder_ms": 1e3 * encode_s,
-        "prefill_ms": 1e3 * median(lambda r: r.prefill_s),
-        "first_token_ms": 1e3 * median(lambda r: r.first_token_s),
-        "decode_tokens_per_s": median(lambda r: r.tokens_per_s),
-        "kv_cache_mib": median(lambda r: r.kv_bytes) / 2**20,
-        "peak_memory_mib": median(lambda r: r.peak_bytes) / 2**20,
-        "peak_memory_kind": "cuda_max_allocated" if model.device.type == "cuda" else "peak_resident_set",
-    }
-
-
 # ---------------------------------------------------------------- scoring
+
+
+def check_options(blind: bool = False, with_blind: bool = False) -> None:
+    if blind and with_blind:
+        raise SkipitError("--with-blind already runs blind: give one of --blind and --with-blind")
 
 
 def check_scorable(records) -> None:
@@ -177,3 +152,26 @@ def needs_image(seeing: dict, blind: dict) -> dict:
     if any(s["id"] != b["id"] for s, b in pairs):
         raise ValueError("the two runs must score the same records in the same order")
     return summarize([s for s, b in pairs if not b["correct"]])
+
+
+# ---------------------------------------------------------------- the task (see skipit.evaluation)
+
+
+def run(model, processor, records, batch_size: int = 16, *, blind: bool = False, with_blind: bool = False,
+        track: Callable[[str, int], Callable[[int], None]] | None = None) -> dict:  # fmt: skip
+    """`evaluate` with images, or blind, or both (`with_blind`: the run with images, its blind run under "blind" and
+    the scores on the questions the blind run gets wrong under "needs_image")."""
+    check_options(blind, with_blind)
+    runs = {}
+    for name in ["blind"] if blind else ["image", "blind"] if with_blind else ["image"]:
+        advance = track("answering" + (" (blind)" if name == "blind" else ""), len(records)) if track else None
+        runs[name] = evaluate(model, processor, records, batch_size, blind=name == "blind", on_batch=advance)
+    if not with_blind:
+        return next(iter(runs.values()))
+    return {**runs["image"], "blind": runs["blind"], "needs_image": needs_image(runs["image"], runs["blind"])}
+
+
+def speed_prompts(processor, records, batch_size: int) -> tuple[list[Image.Image], list[str]]:
+    """The first batch's images (real ones, also for blind runs) and prompts."""
+    batch = records[:batch_size]
+    return [r.load_image() for r in batch], [prompts.question_text(processor, r.question) for r in batch]
