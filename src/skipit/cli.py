@@ -84,15 +84,14 @@ def check_out_dir(path: Path | None, option: str = "--out") -> None:
 # ---------------------------------------------------------------- Ctrl-C
 
 
-def _command_line(drop: tuple[str, ...] = ()) -> str:
+def _command_line(ctx: click.Context, drop: tuple[str, ...] = ()) -> str:
     """The command being run, rebuilt from its parsed options (those left at their default omitted)."""
-    ctx = click.get_current_context()
     words = ["skipit", *ctx.command_path.split()[1:]]
     for param in ctx.command.params:
         value = ctx.params.get(param.name)
         if param.name in drop:
             continue
-        if isinstance(param, click.Argument):
+        if param.param_type_name == "argument":
             words.append(str(value))
             continue
         default = param.default() if callable(param.default) else param.default
@@ -110,12 +109,12 @@ def _command_line(drop: tuple[str, ...] = ()) -> str:
 
 
 @contextlib.contextmanager
-def _interruptible(kept: Callable[[], str], drop: tuple[str, ...] = ()) -> Iterator[None]:
+def _interruptible(ctx: click.Context, kept: Callable[[], str], drop: tuple[str, ...] = ()) -> Iterator[None]:
     """On Ctrl-C: one line on stderr saying what `kept()` is kept and the command that resumes; exit 130."""
     try:
         yield
     except KeyboardInterrupt:
-        print(f"interrupted: {kept()}; resume with: {_command_line(drop)}", file=sys.stderr, flush=True)
+        print(f"interrupted: {kept()}; resume with: {_command_line(ctx, drop)}", file=sys.stderr, flush=True)
         raise typer.Exit(INTERRUPTED) from None
 
 
@@ -190,6 +189,7 @@ def train_mini_llava(
 
 @app.command()
 def demo(
+    ctx: typer.Context,
     out: Annotated[Path, typer.Option(help="Run folder (a rerun resumes from it)")] = Path("runs/demo"),
     n_test: Annotated[int, typer.Option(help="Test questions scored per plan")] = 100,
     n_calib: Annotated[int, typer.Option(help="Calibration records analysed")] = 32,
@@ -204,7 +204,7 @@ def demo(
     at_least(1, n_test=n_test, n_calib=n_calib, step=step)
     check_out_dir(out)
     config = pipeline.DemoConfig(n_calib=n_calib, n_test=n_test, step=step)
-    with _interruptible(lambda: f"what is finished is saved in {out}"):
+    with _interruptible(ctx, lambda: f"what is finished is saved in {out}"):
         head = pipeline.run(out, config, model_path=model, console=console)
     answers = json.loads((out / "plans" / "empty.json").read_text())
     table = Table(title="mini-llava on shapes/test (first answers, no plan)")
@@ -226,6 +226,7 @@ def demo(
 
 @app.command("eval")
 def eval_(
+    ctx: typer.Context,
     model: Annotated[str, typer.Argument(help="Model folder (or hub id)")],
     data: Annotated[Path, typer.Option(help="JSONL file, or a folder with data.jsonl")],
     plan: Annotated[Path | None, typer.Option(help="Skip plan (JSON) to evaluate the model under")] = None,
@@ -247,7 +248,7 @@ def eval_(
     from skipit.io import write_json
 
     check_out_file(out)
-    with _interruptible(lambda: "nothing was saved (eval writes its result when it has scored every record)"):
+    with _interruptible(ctx, lambda: "nothing was saved (eval writes its result when it has scored every record)"):
         result = evaluate_model(model, data, plan=plan, task=task, n=n, batch_size=batch_size, seed=seed, blind=blind,
                                 with_blind=with_blind, measure_speed=measure_speed, progress=True,
                                 status=console.status)  # fmt: skip
@@ -322,6 +323,7 @@ def _print_speed(s: dict) -> None:
 
 @app.command("analyze")
 def analyze_(
+    ctx: typer.Context,
     model: Annotated[str, typer.Argument(help="Model folder (or hub id)")],
     data: Annotated[Path, typer.Option(help="Calibration data: JSONL file, or a folder with data.jsonl")],
     out: Annotated[Path, typer.Option(help="Run folder: analysis.json, one PNG per measure, shards/ to resume")],
@@ -339,8 +341,8 @@ def analyze_(
     at_least(1, n=n, batch_size=batch_size, shard_every=shard_every)
     check_out_dir(out)
     records = load_records(data, limit=n)
-    vlm, processor = models.load(model)
-    with distributed_from_env(), _interruptible(lambda: _shards_kept(out)):
+    with distributed_from_env(), _interruptible(ctx, lambda: _shards_kept(out)):
+        vlm, processor = models.load(model)
         result = analyze(vlm, processor, records, batch_size=batch_size, ablation=ablation, seed=seed, run_dir=out,
                          shard_every=shard_every, model_path=model, data_path=str(data), progress=True)
     if result is not None:
@@ -408,6 +410,7 @@ def _print_plan(plan) -> None:
 
 @app.command()
 def sweep(
+    ctx: typer.Context,
     model: Annotated[str, typer.Argument(help="Model folder (Hugging Face format)")],
     data: Annotated[Path, typer.Option(help="Scored VQA records (JSONL file or folder)")],
     out: Annotated[Path, typer.Option(help="Sweep folder (resumes from what it holds)")],
@@ -426,7 +429,7 @@ def sweep(
     from skipit.evaluation.run import sweep_model
 
     check_out_dir(out)
-    with _interruptible(lambda: _plans_kept(out), drop=("restart",)):
+    with _interruptible(ctx, lambda: _plans_kept(out), drop=("restart",)):
         summary = sweep_model(model, data, out, analysis=analysis, calib=calib, n=n, step=step, budgets=budgets,
                               methods=methods, n_calib=n_calib, batch_size=batch_size, repeats=repeats,
                               restart=restart, progress=True, status=console.status)  # fmt: skip

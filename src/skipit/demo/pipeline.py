@@ -33,7 +33,7 @@ class DemoConfig:
 def run(run_dir: str | Path, config: DemoConfig | None = None, model_path: str | Path | None = None,
         console: Console | None = None) -> dict:  # fmt: skip
     """Run (or resume) the demo in `run_dir`; returns the headline numbers."""
-    from skipit.analysis import Analysis, analyze
+    from skipit.analysis import Analysis, analyze, records_digest
     from skipit.evaluation import sweep
     from skipit.planner import make_plan
     from skipit.report import write_report
@@ -53,6 +53,9 @@ def run(run_dir: str | Path, config: DemoConfig | None = None, model_path: str |
         analysis = Analysis.load(run_dir).result
         if analysis.model.fingerprint != fingerprint(model):
             raise SkipitError(f"{run_dir} holds a run of another model: choose another --out")
+        if analysis.data.records_digest not in (None, records_digest(calib)):
+            raise SkipitError(f"{run_dir} holds an analysis of other calibration records (another --n-calib?): "
+                              "choose another --out")
     else:
         with progress("ex") as bar:
             task = bar.add_task("1/4 analyze (calibration)", total=len(calib))
