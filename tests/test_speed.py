@@ -107,3 +107,33 @@ GENERATE = ["generate", "{m}", "--prompt", "q", "--image"]
 def test_bad_input_is_one_line(saved, args, message):
     args = [a.format(m=saved / "m", root=saved) for a in args]
     assert_one_line_error(run(*args, cwd=saved), message)
+
+
+def _row(prefill=(1.3, 1.25, 1.35), decode=(1.02, 1.0, 1.04), ideal=(1.31, 1.03)):
+    return {"prefill_speedup": prefill[0], "prefill_speedup_low": prefill[1], "prefill_speedup_high": prefill[2],
+            "decode_speedup": decode[0], "decode_speedup_low": decode[1], "decode_speedup_high": decode[2],
+            "ideal_prefill_speedup": ideal[0], "ideal_decode_speedup": ideal[1]}  # fmt: skip
+
+
+def test_noise_flags_what_cannot_be_a_result():
+    assert speed.noise(_row()) == []
+    assert speed.noise(_row(decode=(17.54, 1.0, 30.0))) == [
+        "decode rounds disagree (1.00-30.00)", "decode x17.54 beats its ideal x1.03"]  # the demo's x17.54 of old
+    assert speed.noise(_row(prefill=(0.63, 0.4, 0.9))) == ["prefill rounds disagree (0.40-0.90)"]
+    assert speed.noise(_row(prefill=(1.6, 1.55, 1.65))) == ["prefill x1.60 beats its ideal x1.31"]
+    assert speed.control_noise(_row(prefill=(1.0, 1, 1), decode=(1.0, 1, 1))) == []
+    assert speed.control_noise(_row(prefill=(1.2, 1, 1.3), decode=(1.0, 1, 1))) == [
+        "the empty plan's prefill measured x1.20"]
+
+
+def test_speed_rows_give_ranges_over_rounds():
+    model, inputs = build("llava"), make_inputs("llava", 2)
+    encoded, _ = speed.encode_images(model, inputs)
+    configs = {"untouched": None, "exit": Plan.for_model(model, early_exit=1)}
+    runs = speed.compare(model, encoded, configs, new_tokens=3, repeats=3)
+    rows = speed.speed_rows(model, encoded, configs, runs, new_tokens=3)
+    for row in rows:
+        for kind in ("prefill", "decode"):
+            assert row[f"{kind}_speedup_low"] <= row[f"{kind}_speedup"] <= row[f"{kind}_speedup_high"]
+        assert row["noisy"] == speed.noise(row)
+    assert rows[0]["prefill_speedup_low"] == rows[0]["prefill_speedup_high"] == 1.0  # untouched against itself

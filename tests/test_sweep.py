@@ -92,3 +92,67 @@ def test_baselines_meet_the_budget_their_own_way(setup):
     k, kls = baselines.vtw_own_k(model, processor, calib, threshold=0.01)
     assert kls[-1] == pytest.approx(0, abs=1e-6)  # exiting after the last layer changes nothing
     assert k is not None and kls[k] < 0.01 and all(v >= 0.01 for v in kls[:k])
+
+
+def test_summary_carries_paired_intervals_and_separates_significant_losses(tmp_path):
+    """Synthetic plan results on 200 questions with known answers: the intervals are paired against the empty plan,
+    McNemar's test separates a real 10-point loss from a 3-point one that is noise, and skipit is compared with each
+    baseline at the same budget."""
+    n = 200
+    base = [i % 2 == 0 for i in range(n)]  # 100 right
+
+    def row(name, family, correct, safe=True):
+        plan = Plan("LlavaForConditionalGeneration", 6, "0" * 16).to_dict()
+        preds = [{"id": f"q{i}", "correct": c} for i, c in enumerate(correct)]
+        return {"name": name, "family": family, "plan": plan, "accuracy": sum(correct) / n, "predictions": preds,
+                "flops_removed": 0.1, "prefill_speedup": 1.1, "decode_speedup": 1.0, "safe": safe, "per_type": {}}
+
+    lose10 = [c and i >= 40 for i, c in enumerate(base)]  # 20 of the 100 right answers lost: 10 points
+    lose3 = [c and i >= 12 for i, c in enumerate(base)]  # 6 lost: 3 points, p = 0.03 -> significant but small
+    noisy = [(c and i >= 8) or (not c and i < 4) for i, c in enumerate(base)]  # 4 lost, 2 won: 1 point, p = 0.69
+    done = {"empty": row("empty", "empty", base), "big": row("big", "layer_skip", lose10),
+            "small": row("small", "layer_skip", lose3), "noise": row("noise", "layer_skip", noisy),
+            "skipit@0.1": row("skipit@0.1", "skipit", noisy), "fastv@0.1": row("fastv@0.1", "baseline", lose10)}
+    result = sweep.summarize(done, None, tmp_path, lost_points=2.0, meta={"n": n})
+    rows = {r["name"]: r for r in result["plans"]}
+    assert rows["big"]["drop_ci"]["value"] == pytest.approx(10.0)
+    assert rows["big"]["drop_ci"]["low"] > 2 and rows["big"]["significant_loss"]
+    assert rows["big"]["mcnemar_p"] < 1e-4
+    assert rows["noise"]["drop_ci"]["low"] < 0 < rows["noise"]["drop_ci"]["high"]
+    assert not rows["noise"]["significant_loss"] and rows["noise"]["mcnemar_p"] > 0.5
+    assert rows["small"]["significant_loss"]  # 3 points, and McNemar says not chance
+    low, high = rows["big"]["kept_ci"]["low"], rows["big"]["kept_ci"]["high"]
+    assert low < 0.8 < high  # 80 of 100 kept
+    (versus,) = result["skipit_vs_baselines"]
+    assert versus["baseline"] == "fastv" and versus["skipit_gain_points"]["value"] == pytest.approx(9.0)
+    assert versus["skipit_gain_points"]["low"] > 0 and versus["mcnemar_p"] < 0.05
+    assert all("accuracy_kept_ci" in b and "mcnemar_p" in b for b in result["baselines"])
+    assert json.loads((tmp_path / "sweep.json").read_text())["plans"][1]["drop_ci"] == rows["big"]["drop_ci"]
+
+
+def test_a_noisy_speed_is_measured_again_then_flagged(setup, monkeypatch):
+    model, processor, test, _, _ = setup
+    encoded = sweep.speed_batch(model, processor, test)
+    calls = []
+
+    def compare(model, encoded, configs, new_tokens, repeats):
+        calls.append(repeats)
+        return {name: [] for name in configs}
+
+    def rows(noisy):
+        def speed_rows(*args, **kwargs):
+            row = {k: 1.0 for k in ("prefill_speedup", "decode_speedup", "ideal_prefill_speedup",
+                                    "ideal_decode_speedup", "kv_ratio", "prefill_speedup_low",
+                                    "prefill_speedup_high", "decode_speedup_low", "decode_speedup_high")}
+            return [row, {**row, "noisy": noisy(len(calls))}]
+        return speed_rows
+
+    monkeypatch.setattr(sweep.speed, "compare", compare)
+    plan = Plan.for_model(model, early_exit=2)
+    monkeypatch.setattr(sweep.speed, "speed_rows", rows(lambda k: ["busy"] if k == 1 else []))
+    assert sweep.measure_plan(model, processor, test, plan, encoded, 8, 3)["speed_noisy"] == []
+    assert calls == [3, 6]  # measured again with twice the rounds, and then clean
+    calls.clear()
+    monkeypatch.setattr(sweep.speed, "speed_rows", rows(lambda k: ["busy"]))
+    assert sweep.measure_plan(model, processor, test, plan, encoded, 8, 3)["speed_noisy"] == ["busy"]
+    assert calls == [3, 6]  # still noisy: flagged, never printed as a result

@@ -187,6 +187,13 @@ def train_mini_llava(
     console.print(f"trained weights written to {out}")
 
 
+def speed_text(row: dict, kind: str) -> str:
+    """A measured speed-up with its range over rounds, or why it is not a result (see `speed.noise`)."""
+    if reasons := [r for r in row.get("speed_noisy", []) if kind in r]:
+        return f"{kind} not measured reliably ({'; '.join(reasons)})"
+    return f"{kind} x{row[f'{kind}_speedup']:.2f} [{row[f'{kind}_speedup_low']:.2f}, {row[f'{kind}_speedup_high']:.2f}]"
+
+
 @app.command()
 def demo(
     ctx: typer.Context,
@@ -214,12 +221,14 @@ def demo(
         table.add_row(row["question"], row["answer"], row["prediction"], "✓" if row["correct"] else "✗")
     console.print(table)
     per_type = ", ".join(f"{t} {v:.2f}" for t, v in answers["per_type"].items())
-    console.print(f"accuracy without a plan: {head['reference_accuracy']:.3f} on {answers['n']} test questions "
-                  f"({per_type})")  # fmt: skip
+    ref_ci, acc_ci, kept_ci = head["reference_accuracy_ci"], head["accuracy_ci"], head["accuracy_kept_ci"]
+    console.print(f"accuracy without a plan: {head['reference_accuracy']:.3f} [{ref_ci['low']:.3f}, "
+                  f"{ref_ci['high']:.3f}] on {answers['n']} test questions ({per_type})")  # fmt: skip
     console.print(
-        f"[bold]skipit's plan: {head['flops_removed']:.1%} of FLOPs removed, prefill x{head['prefill_speedup']:.2f} "
-        f"and decode x{head['decode_speedup']:.2f} measured, accuracy {head['accuracy']:.3f} "
-        f"({head['accuracy_kept']:.1%} kept)[/bold]"
+        f"[bold]skipit's plan: {head['flops_removed']:.1%} of prefill FLOPs removed, "
+        f"{speed_text(head, 'prefill')} and {speed_text(head, 'decode')} measured, accuracy {head['accuracy']:.3f} "
+        f"[{acc_ci['low']:.3f}, {acc_ci['high']:.3f}], {head['accuracy_kept']:.1%} kept "
+        f"[{kept_ci['low']:.1%}, {kept_ci['high']:.1%}] (McNemar p = {head['mcnemar_p']:.2g})[/bold]"
     )
     console.print(f"report: {head['report']}")
 

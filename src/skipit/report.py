@@ -498,9 +498,29 @@ def _scatter_section(run: Run, charts: _Charts) -> str:
     if lost:
         more = f" (more than {_f(run.sweep['lost_points'], 'g')} points)" if _num(run.sweep.get("lost_points")) else ""
         parts.append(f'<p class="warn">Predicted safe but lost accuracy{more}: {_e(", ".join(sorted(lost)))}.</p>')
+        if "safe_but_lost_significant" in run.sweep:
+            real = sorted(run.sweep["safe_but_lost_significant"] or [])
+            parts.append(f"<p>Of those, significant by McNemar's exact test (p &lt; 0.05): "
+                         f"{_e(', '.join(real)) if real else 'none: every such loss may be chance'}.</p>")
     elif "safe_but_lost" in run.sweep:
         parts.append("<p>No plan predicted safe lost accuracy.</p>")
     return "".join(parts)
+
+
+def _with_ci(value, ci, spec: str = ".3f", scale: float = 1.0) -> str:
+    """A figure with its interval, "0.630 [0.601, 0.662]" (just the figure when the file has no interval)."""
+    text = _f(None if _num(value) is None else scale * value, spec)
+    if not isinstance(ci, dict) or _num(ci.get("low")) is None or _num(ci.get("high")) is None:
+        return text
+    return f"{text} <span class='dim'>[{scale * ci['low']:{spec}}, {scale * ci['high']:{spec}}]</span>"
+
+
+def _measured(p: dict, kind: str) -> str:
+    """A measured speed-up, or a flag where `skipit.evaluation.speed.noise` says it is not a result."""
+    reasons = [r for r in p.get("speed_noisy") or [] if kind in r]
+    if reasons:
+        return f'<span class="lost" title="{_e("; ".join(reasons))}">noisy</span>'
+    return _times(p.get(f"{kind}_speedup"))
 
 
 def _speed_section(run: Run) -> str:
@@ -529,13 +549,17 @@ def _speed_section(run: Run) -> str:
         rows.append([
             _e(p.get("name", "?")), _e(p.get("family", "?")), _e(describe_plan(p.get("plan"))), safe,
             _pct(p.get("flops_removed")),
-            _times(p.get("ideal_prefill_speedup")), _times(p.get("prefill_speedup")),
-            _times(p.get("ideal_decode_speedup")), _times(p.get("decode_speedup")),
-            _pct(p.get("kv_memory")), _f(p.get("accuracy"), ".3f"), _f(p.get("accuracy_drop"), "+.1f"),
+            _times(p.get("ideal_prefill_speedup")), _measured(p, "prefill"),
+            _times(p.get("ideal_decode_speedup")), _measured(p, "decode"),
+            _pct(p.get("kv_memory")), _with_ci(p.get("accuracy"), p.get("accuracy_ci")),
+            _with_ci(p.get("accuracy_drop"), p.get("drop_ci"), "+.1f"),
         ])  # fmt: skip
     parts.append(_table(headers, rows, "num"))
-    parts.append("<p class='dim'>Speed-ups are untouched / plan (ideal: from FLOPs); KV memory is the plan's "
-                 "KV cache as a share of the untouched one.</p>")
+    parts.append("<p class='dim'>Speed-ups are untouched / plan (ideal: from FLOPs), medians of rounds run side by "
+                 "side; <em>noisy</em> marks one whose rounds disagree, that beats its ideal by more than 15 %, or "
+                 "whose run's empty-plan control strayed from x1.00 (hover for why): it is not a result. KV memory is "
+                 "the plan's KV cache as a share of the untouched one. Accuracy and drop carry 95 % paired bootstrap "
+                 "intervals over the same questions as the reference.</p>")
     return "".join(parts)
 
 
@@ -546,10 +570,22 @@ def _baselines_section(run: Run) -> str:
     if not baselines:
         return _note("sweep.json has no baselines.")
     rows = [[_e(b.get("method", "?")), _f(b.get("budget"), ".3g"), _e(describe_plan(b.get("plan"))),
-             _pct(b.get("flops_removed")), _times(b.get("prefill_speedup")), _times(b.get("decode_speedup")),
-             _f(b.get("accuracy"), ".3f"), _f(b.get("accuracy_kept"), ".3f")] for b in baselines]  # fmt: skip
+             _pct(b.get("flops_removed")), _measured(b, "prefill"), _measured(b, "decode"),
+             _with_ci(b.get("accuracy"), b.get("accuracy_ci")),
+             _with_ci(b.get("accuracy_kept"), b.get("accuracy_kept_ci"))] for b in baselines]  # fmt: skip
     headers = ["method", "budget", "decisions", "FLOPs saved", "prefill", "decode", "accuracy", "accuracy kept"]
-    return _table(headers, rows, "num") + "<p class='dim'>Accuracy kept: accuracy / the reference's accuracy.</p>"
+    parts = [_table(headers, rows, "num"), "<p class='dim'>Accuracy kept: accuracy / the reference's accuracy, with "
+             "its 95 % paired bootstrap interval.</p>"]
+    versus = [v for v in run.sweep.get("skipit_vs_baselines") or [] if isinstance(v, dict)]
+    if versus:
+        rows = [[_f(v.get("budget"), ".3g"), _e(v.get("baseline", "?")),
+                 _with_ci((v.get("skipit_gain_points") or {}).get("value"), v.get("skipit_gain_points"), "+.1f"),
+                 f"{v.get('skipit_better', '–')} / {v.get('skipit_worse', '–')}", _f(v.get("mcnemar_p"), ".2g")]
+                for v in versus]  # fmt: skip
+        parts.append("<h3>skipit against each method at the same budget</h3>" + _table(
+            ["budget", "method", "skipit's gain (points)", "questions skipit gets right / wrong that it does not",
+             "McNemar p"], rows, "num"))
+    return "".join(parts)
 
 
 CSS = """

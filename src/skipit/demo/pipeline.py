@@ -98,6 +98,13 @@ def run(run_dir: str | Path, config: DemoConfig | None = None, model_path: str |
         "accuracy": mine["accuracy"],
         "reference_accuracy": ref["accuracy"],
         "accuracy_kept": mine["accuracy"] / ref["accuracy"] if ref["accuracy"] else None,
+        "accuracy_ci": mine["accuracy_ci"],  # paired bootstrap over the same questions as the reference
+        "accuracy_kept_ci": mine["kept_ci"],
+        "reference_accuracy_ci": summary["reference"]["accuracy_ci"],
+        "mcnemar_p": mine["mcnemar_p"],
+        **{k: mine[k] for k in ("prefill_speedup_low", "prefill_speedup_high", "decode_speedup_low",
+                                "decode_speedup_high", "ideal_prefill_speedup", "ideal_decode_speedup")},
+        "speed_noisy": mine["speed_noisy"],  # with the empty plan's control: why the speed-ups are not results
         "report": str(report_path),
         "run_dir": str(run_dir),
     }

@@ -15,6 +15,7 @@ from pycocoevalcap.cider.cider import Cider
 from skipit import prompts
 from skipit.errors import SkipitError
 from skipit.evaluation.vqa import generate_texts
+from skipit.intervals import mean_interval
 
 # re-exported for the callers that read them here (the CLI)
 CAPTION_PROMPT = prompts.CAPTION_PROMPT
@@ -84,7 +85,8 @@ def evaluate(
         {"id": rec.id, "image": str(rec.image), "references": refs, "prediction": pred, "cider": s}
         for (rec, refs), pred, s in zip(examples, predictions, scores, strict=True)
     ]
-    return {"cider": score, "n": len(rows), "predictions": rows}
+    # CIDEr-D's document frequencies come from the whole set; the interval resamples the per-image scores
+    return {"cider": score, "cider_ci": mean_interval(scores).to_dict(), "n": len(rows), "predictions": rows}
 
 
 # ---------------------------------------------------------------- the task (see skipit.evaluation)

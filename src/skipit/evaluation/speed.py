@@ -199,21 +199,53 @@ def measure_generation(model, processor, images, texts, new_tokens: int = 16, re
     }
 
 
+# When a measured speed-up is not a result: its rounds disagree by more than SPREAD (highest / lowest ratio), or it
+# beats its physical ideal (FLOPs) by more than ABOVE_IDEAL, or the empty plan's control strays from 1 by more than
+# CONTROL. A busy machine produces all three; such a figure is re-measured, then flagged, never printed as a result.
+SPREAD, ABOVE_IDEAL, CONTROL = 1.3, 1.15, 0.10
+
+
+def _ratios(a: list[Run], b: list[Run], key: Callable[[Run], float]) -> list[float]:
+    """Per round: a's time over b's (rounds ran side by side, so the machine's state at the time cancels)."""
+    return [key(x) / key(y) for x, y in zip(a, b, strict=True)]
+
+
 def _median_ratio(a: list[Run], b: list[Run], key: Callable[[Run], float]) -> float:
-    return statistics.median(key(x) / key(y) for x, y in zip(a, b, strict=True))
+    return statistics.median(_ratios(a, b, key))
+
+
+def noise(row: dict) -> list[str]:
+    """Why the speed-ups of a `speed_rows` row cannot be trusted (empty: they can)."""
+    reasons = []
+    for kind in ("prefill", "decode"):
+        low, high = row[f"{kind}_speedup_low"], row[f"{kind}_speedup_high"]
+        if high > SPREAD * low:
+            reasons.append(f"{kind} rounds disagree ({low:.2f}-{high:.2f})")
+        if row[f"{kind}_speedup"] > ABOVE_IDEAL * row[f"ideal_{kind}_speedup"]:
+            reasons.append(f"{kind} x{row[f'{kind}_speedup']:.2f} beats its ideal x{row[f'ideal_{kind}_speedup']:.2f}")
+    return reasons
+
+
+def control_noise(row: dict) -> list[str]:
+    """Why an empty plan's row (which should measure x1.00) says the machine was too busy to time anything."""
+    return [f"the empty plan's {kind} measured x{row[f'{kind}_speedup']:.2f}" for kind in ("prefill", "decode")
+            if abs(row[f"{kind}_speedup"] - 1) > CONTROL]  # fmt: skip
 
 
 def speed_rows(
     model, encoded: dict, configs: dict[str, Plan | None], runs: dict[str, list[Run]], new_tokens: int,
     baseline: str = "untouched",
 ) -> list[dict]:  # fmt: skip
-    """One row per configuration: medians, measured and ideal (FLOPs) ratios to `baseline`."""
+    """One row per configuration: medians, measured (with their range over rounds) and ideal (FLOPs) ratios to
+    `baseline`, and under "noisy" why the measured ones cannot be trusted (`noise`; empty: they can)."""
     base_runs = runs[baseline]
     base = batch_costs(model, encoded, configs[baseline], new_tokens)
     rows = []
     for name, plan in configs.items():
         mine, c = runs[name], batch_costs(model, encoded, plan, new_tokens)
-        prefill_speedup = _median_ratio(base_runs, mine, lambda r: r.prefill_s)
+        prefill_ratios = _ratios(base_runs, mine, lambda r: r.prefill_s)
+        decode_ratios = _ratios(base_runs, mine, lambda r: r.decode_s)
+        prefill_speedup = statistics.median(prefill_ratios)
         ideal_prefill = base["prefill"] / c["prefill"]
         rows.append({
             "config": name,
@@ -223,14 +255,18 @@ def speed_rows(
             "ideal_prefill_speedup": ideal_prefill,
             "ratio_to_ideal": prefill_speedup / ideal_prefill,
             "tokens_per_s": statistics.median(r.tokens_per_s for r in mine),
-            "decode_speedup": _median_ratio(base_runs, mine, lambda r: r.decode_s),
+            "decode_speedup": statistics.median(decode_ratios),
             "ideal_decode_speedup": base["decode"] / c["decode"],
+            # the range over rounds: with a handful of rounds, an interval needs no more assumptions than that
+            "prefill_speedup_low": min(prefill_ratios), "prefill_speedup_high": max(prefill_ratios),
+            "decode_speedup_low": min(decode_ratios), "decode_speedup_high": max(decode_ratios),
             "kv_mib": statistics.median(r.kv_bytes for r in mine) / 2**20,
             "kv_ratio": statistics.median(r.kv_bytes for r in mine) / statistics.median(r.kv_bytes for r in base_runs),
             "ideal_kv_ratio": c["kv_bytes"] / base["kv_bytes"],
             "peak_mib": statistics.median(r.peak_bytes for r in mine) / 2**20,
             "prefill_gflops": c["prefill"] / 1e9,
         })  # fmt: skip
+        rows[-1]["noisy"] = noise(rows[-1])
     return rows
 
 

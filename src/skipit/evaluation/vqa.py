@@ -14,6 +14,7 @@ from PIL import Image
 from skipit import prompts
 from skipit.errors import SkipitError
 from skipit.evaluation import speed
+from skipit.intervals import mean_interval
 
 # re-exported for the callers that read them here (the CLI, mini-llava's training, lmms' shapes_vqa task, sweeps)
 ANSWER_INSTRUCTION = prompts.ANSWER_INSTRUCTION
@@ -94,7 +95,8 @@ def check_scorable(records) -> None:
 
 
 def summarize(rows: list[dict]) -> dict:
-    """Exact-match and soft accuracy of prediction rows, overall and per question type (None: no rows)."""
+    """Exact-match and soft accuracy of prediction rows, overall and per question type (None: no rows); under
+    "intervals", the bootstrap interval of each over questions."""
     per_type: dict[str, list[dict]] = defaultdict(list)
     for row in rows:
         per_type[row["type"]].append(row)
@@ -105,7 +107,13 @@ def summarize(rows: list[dict]) -> dict:
     def scores(rs: list[dict]) -> dict:
         return {"accuracy": mean(rs, "correct"), "soft_accuracy": mean(rs, "soft"), "n": len(rs)}
 
-    return {**scores(rows), "per_type": {t: scores(rs) for t, rs in sorted(per_type.items())}}
+    def intervals(rs: list[dict]) -> dict:
+        return {key: mean_interval([r[name] for r in rs]).to_dict() if rs else None
+                for key, name in (("accuracy", "correct"), ("soft_accuracy", "soft"))}  # fmt: skip
+
+    types = sorted(per_type.items())
+    return {**scores(rows), "per_type": {t: scores(rs) for t, rs in types},
+            "intervals": {**intervals(rows), "per_type": {t: intervals(rs) for t, rs in types}}}
 
 
 def evaluate(
