@@ -38,14 +38,11 @@ from pathlib import Path
 
 import torch
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
-from transformers.generation import LogitsProcessorList
 
-from skipit import compat
 from skipit.evaluation import speed
 from skipit.flops import Shape, cost, ideal_speedup, prompt_layout
 from skipit.io import write_json
 from skipit.plan import SKIP, Plan
-from skipit.skipping import apply_plan, remove_plan
 
 IMAGE_SIZE, PATCH = 336, 14  # LLaVA-1.5: 24 x 24 = 576 vision tokens per image
 TOKENS_PER_IMAGE = (IMAGE_SIZE // PATCH) ** 2
@@ -132,46 +129,11 @@ def decode_bytes(shape: Shape, plan: Plan | None, vision: list[bool], batch: int
     return weights, batch * (first + last) / 2
 
 
-@torch.inference_mode()
-def measure_generate(model, encoded: dict, plan: Plan | None, new_tokens: int) -> speed.Run:
-    """`speed.measure` without its separate prefill forward: one generate() call, whose time to the first token's
-    logits is the prefill (vision features precomputed)."""
-    device = model.device
-    if plan is not None:
-        apply_plan(model, plan)
-    try:
-        with speed._PeakMemory(device) as peak:
-            clock = speed._Clock(device)
-            speed._sync(device)
-            start = time.perf_counter()
-            out = model.generate(
-                **encoded, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                logits_processor=LogitsProcessorList([clock]), return_dict_in_generate=True,
-            )  # fmt: skip
-    finally:
-        if plan is not None:
-            remove_plan(model)
-    t = clock.times
-    return speed.Run(
-        batch=encoded["input_ids"].shape[0], prefill_s=t[0] - start, first_token_s=t[0] - start,
-        decode_s=(t[-1] - t[0]) / (len(t) - 1), kv_bytes=speed.cache_bytes(compat.output_cache(out)),
-        peak_bytes=peak.peak,
-    )  # fmt: skip
-
-
 def compare(model, encoded: dict, configs: dict[str, Plan | None], args) -> dict[str, list[speed.Run]]:
-    """Every configuration once per round, the order reversed every other round, warm-up rounds discarded."""
-    if args.prefill == "separate":  # speed.measure: a prefill forward, then generate()
-        return speed.compare(model, encoded, configs, new_tokens=args.new_tokens, repeats=args.repeats,
-                             warmup=args.warmup)  # fmt: skip
-    runs: dict[str, list[speed.Run]] = {name: [] for name in configs}
-    names = list(configs)
-    for r in range(args.warmup + args.repeats):
-        for name in names if r % 2 == 0 else names[::-1]:
-            run = measure_generate(model, encoded, configs[name], args.new_tokens)
-            if r >= args.warmup:
-                runs[name].append(run)
-    return runs
+    """Every configuration once per round, the order reversed every other round, warm-up rounds discarded; with
+    --prefill generate, the prefill is generate()'s time to the first token (one call per run instead of two)."""
+    return speed.compare(model, encoded, configs, new_tokens=args.new_tokens, repeats=args.repeats,
+                         warmup=args.warmup, separate_prefill=args.prefill == "separate")  # fmt: skip
 
 
 def spread(values: list[float]) -> tuple[float, float, float]:

@@ -114,8 +114,9 @@ class Run:
 
 
 @torch.inference_mode()
-def measure(model, encoded: dict, plan: Plan | None = None, new_tokens: int = 16) -> Run:
-    """One run of `model` (with `plan` applied for the run, if any) on inputs from `encode_images`."""
+def measure(model, encoded: dict, plan: Plan | None = None, new_tokens: int = 16, separate_prefill: bool = True) -> Run:
+    """One run of `model` (with `plan` applied for the run, if any) on inputs from `encode_images`. Without
+    `separate_prefill`, the prefill is timed as generate()'s time to the first token (one call instead of two)."""
     if new_tokens < 2:
         raise SkipitError("measuring decode speed needs at least 2 new tokens")
     device = model.device
@@ -123,11 +124,13 @@ def measure(model, encoded: dict, plan: Plan | None = None, new_tokens: int = 16
         apply_plan(model, plan)
     try:
         with _PeakMemory(device) as peak:
-            _sync(device)
-            start = time.perf_counter()
-            model(**encoded, use_cache=True, logits_to_keep=1)
-            _sync(device)
-            prefill = time.perf_counter() - start
+            prefill = None
+            if separate_prefill:
+                _sync(device)
+                start = time.perf_counter()
+                model(**encoded, use_cache=True, logits_to_keep=1)
+                _sync(device)
+                prefill = time.perf_counter() - start
             clock = _Clock(device)
             start = time.perf_counter()
             out = model.generate(
@@ -140,7 +143,7 @@ def measure(model, encoded: dict, plan: Plan | None = None, new_tokens: int = 16
     t = clock.times
     return Run(
         batch=encoded["input_ids"].shape[0],
-        prefill_s=prefill,
+        prefill_s=t[0] - start if prefill is None else prefill,
         first_token_s=t[0] - start,
         decode_s=(t[-1] - t[0]) / (len(t) - 1),
         kv_bytes=cache_bytes(compat.output_cache(out)),
@@ -156,13 +159,14 @@ def compare(
     repeats: int = 5,
     warmup: int = 1,
     on_run: Callable[[str], None] | None = None,
+    separate_prefill: bool = True,
 ) -> dict[str, list[Run]]:
     """Runs of every configuration, round-robin, `warmup` rounds discarded; the order flips every other round."""
     runs: dict[str, list[Run]] = {name: [] for name in configs}
     names = list(configs)
     for r in range(warmup + repeats):
         for name in names if r % 2 == 0 else names[::-1]:
-            run = measure(model, encoded, configs[name], new_tokens)
+            run = measure(model, encoded, configs[name], new_tokens, separate_prefill)
             if r >= warmup:
                 runs[name].append(run)
             if on_run:
