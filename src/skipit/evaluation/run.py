@@ -189,7 +189,7 @@ def sweep_model(
     *,
     analysis: str | Path | None = None,
     calib: str | Path | None = None,
-    n: int = 150,
+    n: int | None = None,
     step: int = 3,
     budgets: str | Sequence[float] = (0.1, 0.2, 0.3),
     methods: str | Sequence[str] | None = None,
