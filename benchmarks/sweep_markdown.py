@@ -22,13 +22,17 @@ def main() -> None:
     sweep = json.loads(Path(args.sweep).read_text())
     if args.analysis:
         from skipit.evaluation.sweep import judge
+        from skipit.result import AnalysisResult
 
-        analysis = json.loads((Path(args.analysis) / "analysis.json").read_text())
+        analysis = AnalysisResult.load(Path(args.analysis))
         sweep |= judge(sweep["plans"], analysis, sweep["lost_points"])
     ref = sweep["reference"]["accuracy"]
-    print(f"Reference (no plan): accuracy {ref:.3f} on {sweep['data']['n']} questions.\n")
-    print("| plan | accuracy | drop (points) | FLOPs removed | prefill x (ideal) | decode x | safe |")
-    print("|---|---:|---:|---:|---:|---:|---|")
+    print(f"Reference (no plan): accuracy {with_ci(ref, sweep['reference'].get('accuracy_ci'))} on "
+          f"{sweep['data']['n']} questions. Intervals: 95 % paired bootstrap over the same questions; p: McNemar's "
+          "exact test against no plan; a speed-up that is not a result (rounds disagree, beats its ideal by more "
+          "than 15 %, or the empty-plan control strayed) reads \"noisy\".\n")
+    print("| plan | accuracy | drop (points) | p | FLOPs removed | prefill x (ideal) | decode x | safe |")
+    print("|---|---:|---:|---:|---:|---:|---:|---|")
     order = ["empty", "late_entry", "early_exit", "vision_frozen", "layer_skip", "skipit", "baseline"]
 
     def key(r):
@@ -37,8 +41,9 @@ def main() -> None:
 
     for r in sorted(sweep["plans"], key=key):
         safe = "" if "safe" not in r else ("yes" if r["safe"] else "no")
-        print(f"| {r['name']} | {r['accuracy']:.3f} | {r['accuracy_drop']:+.1f} | {r['flops_removed']:.1%} | "
-              f"{r['prefill_speedup']:.2f} ({r['ideal_prefill_speedup']:.2f}) | {r['decode_speedup']:.2f} | {safe} |")
+        print(f"| {r['name']} | {with_ci(r['accuracy'], r.get('accuracy_ci'))} | "
+              f"{with_ci(r['accuracy_drop'], r.get('drop_ci'), '+.1f')} | {p_value(r)} | {r['flops_removed']:.1%} | "
+              f"{speedup(r, 'prefill')} ({r['ideal_prefill_speedup']:.2f}) | {speedup(r, 'decode')} | {safe} |")
     if "correlation" in sweep:
         print("\n| measure | Spearman (all grid plans) | 95 % CI | plans |", end="")
         families = sorted(sweep["correlation_by_family"])
@@ -51,12 +56,42 @@ def main() -> None:
             print(f"| {m} | {c['spearman']:.2f} | {ci} | {c['n']} |{cells}")
         lost = sweep["safe_but_lost"]
         print(f"\nCalled safe but lost more than {sweep['lost_points']:g} points: {', '.join(lost) or 'none'}.")
+        if "safe_but_lost_significant" in sweep:
+            real = sweep["safe_but_lost_significant"]
+            print(f"Of those, significant (McNemar p < 0.05): {', '.join(real) or 'none: each may be chance'}.")
     print("\n| method | budget | FLOPs removed | prefill x | decode x | accuracy | kept |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for b in sorted(sweep["baselines"], key=lambda b: (b["budget"] or 0, b["method"] != "skipit", b["method"])):
         budget = "default" if b["budget"] is None else f"{b['budget']:g}"
-        print(f"| {b['method']} | {budget} | {b['flops_removed']:.1%} | {b['prefill_speedup']:.2f} | "
-              f"{b['decode_speedup']:.2f} | {b['accuracy']:.3f} | {b['accuracy_kept']:.1%} |")
+        print(f"| {b['method']} | {budget} | {b['flops_removed']:.1%} | {speedup(b, 'prefill')} | "
+              f"{speedup(b, 'decode')} | {with_ci(b['accuracy'], b.get('accuracy_ci'))} | "
+              f"{with_ci(b['accuracy_kept'], b.get('accuracy_kept_ci'), '.1%')} |")
+    if sweep.get("skipit_vs_baselines"):
+        print("\n| budget | method | skipit's gain (points) | skipit right / wrong where it is not | McNemar p |")
+        print("|---:|---|---:|---:|---:|")
+        for v in sweep["skipit_vs_baselines"]:
+            gain = v["skipit_gain_points"]
+            print(f"| {v['budget']:g} | {v['baseline']} | {with_ci(gain['value'], gain, '+.1f')} | "
+                  f"{v['skipit_better']} / {v['skipit_worse']} | {v['mcnemar_p']:.2g} |")
+
+
+def with_ci(value, ci, spec: str = ".3f") -> str:
+    if not ci:
+        return f"{value:{spec}}"
+    return f"{value:{spec}} [{ci['low']:{spec}}, {ci['high']:{spec}}]"
+
+
+def p_value(row: dict) -> str:
+    p = row.get("mcnemar_p")
+    return "" if p is None or p != p else f"{p:.2g}"
+
+
+def speedup(row: dict, kind: str) -> str:
+    if any(kind in reason for reason in row.get("speed_noisy") or []):
+        return "noisy"
+    low, high = row.get(f"{kind}_speedup_low"), row.get(f"{kind}_speedup_high")
+    text = f"{row[f'{kind}_speedup']:.2f}"
+    return text if low is None else f"{text} [{low:.2f}, {high:.2f}]"
 
 
 if __name__ == "__main__":
