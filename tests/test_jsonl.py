@@ -46,7 +46,7 @@ def test_corrupt_image_names_file_and_record(tmp_path):
     (tmp_path / "bad.png").write_bytes(b"not a png")
     write(tmp_path, [{"id": "r1", "image": "bad.png", "question": "q"}])
     (rec,) = load_records(tmp_path)
-    with pytest.raises(SkipitError, match=r"record 'r1': cannot read image .*bad.png"):
+    with pytest.raises(SkipitError, match=r"record 'r1': cannot read image .*bad.png \(cannot identify image file"):
         rec.load_image()
 
 
@@ -69,11 +69,3 @@ def test_non_utf8_file(tmp_path):
     (tmp_path / "data.jsonl").write_bytes('{"id": "é", "image": "a.png", "question": "q"}\n'.encode("latin-1"))
     with pytest.raises(SkipitError, match="not UTF-8 text"):
         load_records(tmp_path)
-
-
-def test_unreadable_image_says_why(tmp_path):
-    (tmp_path / "bad.png").write_bytes(b"not a png")
-    write(tmp_path, [{"id": "r1", "image": "bad.png", "question": "q"}])
-    (rec,) = load_records(tmp_path)
-    with pytest.raises(SkipitError, match=r"cannot identify image file"):
-        rec.load_image()
