@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -115,6 +116,7 @@ def test_summary_carries_paired_intervals_and_separates_significant_losses(tmp_p
             "skipit@0.1": row("skipit@0.1", "skipit", noisy), "fastv@0.1": row("fastv@0.1", "baseline", lose10)}
     result = sweep.summarize(done, None, tmp_path, lost_points=2.0, meta={"n": n})
     rows = {r["name"]: r for r in result["plans"]}
+    assert [math.copysign(1, rows["empty"]["drop_ci"][k]) for k in ("value", "low", "high")] == [1, 1, 1]  # no -0.0
     assert rows["big"]["drop_ci"]["value"] == pytest.approx(10.0)
     assert rows["big"]["drop_ci"]["low"] > 2 and rows["big"]["significant_loss"]
     assert rows["big"]["mcnemar_p"] < 1e-4

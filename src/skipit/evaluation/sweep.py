@@ -252,8 +252,8 @@ def _correct(row: dict, reference: dict) -> list[float]:
 
 def _points(interval) -> dict:
     """An accuracy difference as a drop in points (100 x reference - run), interval bounds swapped accordingly."""
-    return {"value": -100 * interval.value, "low": -100 * interval.high, "high": -100 * interval.low,
-            "level": interval.level}  # fmt: skip
+    points = [0.0 - 100 * x for x in (interval.value, interval.high, interval.low)]  # 0.0 - x: never -0.0
+    return {"value": points[0], "low": points[1], "high": points[2], "level": interval.level}
 
 
 def versus_baselines(done: dict[str, dict], correct: dict[str, list[float]]) -> list[dict]:
