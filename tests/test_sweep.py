@@ -12,8 +12,9 @@ from skipit import baselines
 from skipit.analysis import analyze
 from skipit.data.jsonl import load_records
 from skipit.data.shapes import write_split
-from skipit.evaluation import sweep
+from skipit.evaluation import sweep, vqa
 from skipit.plan import Plan
+from skipit.skipping import apply_plan, remove_plan
 from skipit.stats import StatsConfig
 
 
@@ -158,3 +159,27 @@ def test_a_noisy_speed_is_measured_again_then_flagged(setup, monkeypatch):
     monkeypatch.setattr(sweep.speed, "speed_rows", rows(lambda k: ["busy"]))
     assert sweep.measure_plan(model, processor, test, plan, encoded, 8, 3)["speed_noisy"] == ["busy"]
     assert calls == [3, 6]  # still noisy: flagged, never printed as a result
+
+
+def test_answers_from_images_encoded_once_equal_answers_from_pixels(setup, monkeypatch):
+    """The sweep runs the vision encoder once per record for all its plans: the answers must be the ones the model
+    gives from the pixels, under a plan too, and the encoder must not run again."""
+    model, processor, test, _, _ = setup
+    plan = Plan.for_model(model, early_exit=2, frozen_vision_layers=[1])
+    encoded = vqa.encode_batches(model, processor, test, batch_size=4)
+    apply_plan(model, plan)
+    try:
+        plain = vqa.evaluate(model, processor, test, batch_size=4)
+        tower = model.model.vision_tower
+        calls = []
+        handle = tower.register_forward_hook(lambda *args: calls.append(1))
+        try:
+            cached = vqa.evaluate(model, processor, test, batch_size=4, encoded=encoded)
+        finally:
+            handle.remove()
+    finally:
+        remove_plan(model)
+    assert [p["prediction"] for p in cached["predictions"]] == [p["prediction"] for p in plain["predictions"]]
+    assert cached["accuracy"] == plain["accuracy"] and calls == []
+    with pytest.raises(ValueError, match="not for a blind run"):
+        vqa.evaluate(model, processor, test, batch_size=4, encoded=encoded, blind=True)

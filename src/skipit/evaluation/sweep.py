@@ -79,11 +79,13 @@ def compared_plans(model, processor, calib, analysis: dict, encoded: dict, budge
     return out
 
 
-def measure_plan(model, processor, records, plan: Plan, encoded: dict, batch_size: int, repeats: int) -> dict:
-    """Accuracy of `plan` on `records`, and its speed measured side by side with the untouched model."""
+def measure_plan(model, processor, records, plan: Plan, encoded: dict, batch_size: int, repeats: int,
+                 answer_batches: list[dict] | None = None) -> dict:  # fmt: skip
+    """Accuracy of `plan` on `records`, and its speed measured side by side with the untouched model.
+    `answer_batches`: the records' inputs with their images encoded once for the whole sweep (`vqa.encode_batches`)."""
     apply_plan(model, plan)
     try:
-        result = vqa.evaluate(model, processor, records, batch_size=batch_size)
+        result = vqa.evaluate(model, processor, records, batch_size=batch_size, encoded=answer_batches)
     finally:
         remove_plan(model)
     configs = {"untouched": None, "plan": plan}
@@ -177,6 +179,7 @@ def run(
     key = run_key(model, records, batch_size, repeats)
     check_saved(run_dir, key, restart)
     encoded = speed_batch(model, processor, records) if encoded is None else encoded
+    answer_batches = None  # the vision encoder runs once per record for the whole sweep, when a plan needs answers
     done = {}
     for name, (family, plan) in plans.items():
         path = run_dir / "plans" / f"{name}.json"
@@ -189,7 +192,9 @@ def run(
                     on_plan(name)
                 continue
         row = {"name": name, "family": family, "plan": plan.to_dict(), "n": len(records), "key": key}
-        row |= measure_plan(model, processor, records, plan, encoded, batch_size, repeats)
+        if answer_batches is None:
+            answer_batches = vqa.encode_batches(model, processor, records, batch_size)
+        row |= measure_plan(model, processor, records, plan, encoded, batch_size, repeats, answer_batches)
         write_json(path, row)
         done[name] = row
         if on_plan:

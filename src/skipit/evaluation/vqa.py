@@ -24,6 +24,7 @@ measure_speed = speed.measure_generation
 _NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"]
 _NUMBERS = {w: str(i) for i, w in enumerate(_NUMBER_WORDS)}
 _ARTICLES = {"a", "an", "the"}
+MAX_NEW_TOKENS = 8  # short answers: a word or a phrase
 
 
 def normalize_answer(text: str) -> str:
@@ -62,10 +63,23 @@ def record_inputs(model, processor, records: Sequence) -> dict:
 @torch.inference_mode()
 def generate_texts(model, processor, images: Sequence[Image.Image], texts: Sequence[str], max_new_tokens: int):
     """Greedy continuations of one batch of chat-formatted prompts (one image each), stripped."""
-    inputs = prompts.model_inputs(processor, texts, images, device=model.device)
+    return generate_from(model, processor, prompts.model_inputs(processor, texts, images, device=model.device),
+                         max_new_tokens)  # fmt: skip
+
+
+@torch.inference_mode()
+def generate_from(model, processor, inputs: dict, max_new_tokens: int) -> list[str]:
+    """Greedy continuations of one batch of model inputs (pixels, or their encoding from `encode_batches`)."""
     out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
     new = out[:, inputs["input_ids"].shape[1]:]
     return [s.strip() for s in processor.batch_decode(new, skip_special_tokens=True)]
+
+
+def encode_batches(model, processor, records, batch_size: int = 16) -> list[dict]:
+    """The VQA inputs of `records` in batches, with the vision encoder already run on them: a plan changes only the
+    language backbone, so a sweep encodes its images once and every plan answers from these."""
+    return [speed.encode_images(model, record_inputs(model, processor, records[i:i + batch_size]))[0]
+            for i in range(0, len(records), batch_size)]  # fmt: skip
 
 
 def answer(
@@ -73,7 +87,7 @@ def answer(
     processor,
     images: Sequence[Image.Image],
     questions: Sequence[str],
-    max_new_tokens: int = 8,
+    max_new_tokens: int = MAX_NEW_TOKENS,
 ) -> list[str]:
     """Greedy answers for one batch."""
     texts = [prompts.question_text(processor, q) for q in questions]
@@ -123,21 +137,28 @@ def evaluate(
     batch_size: int = 16,
     blind: bool = False,
     on_batch: Callable[[int], None] | None = None,
+    encoded: list[dict] | None = None,
 ) -> dict:
     """Exact-match and VQA soft accuracy overall and per question type (record.extra["type"], if any).
 
     Soft accuracy scores against every reference answer of a record ("answers"), or against its one "answer".
     `blind=True` replaces every image with a blank one of the same size: what the model gets right then,
-    it gets right without looking.
+    it gets right without looking. `encoded`: these records' inputs from `encode_batches` (same `batch_size`), so
+    that the vision encoder does not run again.
     """
     check_scorable(records)
+    if encoded is not None and (blind or sum(len(b["input_ids"]) for b in encoded) != len(records)):
+        raise ValueError("encoded inputs must be encode_batches of these records, and not for a blind run")
     predictions = []
-    for start in range(0, len(records), batch_size):
+    for i, start in enumerate(range(0, len(records), batch_size)):
         batch = records[start:start + batch_size]
-        images = [r.load_image() for r in batch]
-        if blind:
-            images = [prompts.blank(im) for im in images]
-        predictions += answer(model, processor, images, [r.question for r in batch])
+        if encoded is not None:
+            predictions += generate_from(model, processor, encoded[i], MAX_NEW_TOKENS)
+        else:
+            images = [r.load_image() for r in batch]
+            if blind:
+                images = [prompts.blank(im) for im in images]
+            predictions += answer(model, processor, images, [r.question for r in batch])
         if on_batch:
             on_batch(len(batch))
     rows = [_row(rec, pred) for rec, pred in zip(records, predictions, strict=True)]
