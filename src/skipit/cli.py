@@ -190,7 +190,7 @@ def train_mini_llava(
 def speed_text(row: dict, kind: str) -> str:
     """A measured speed-up with its range over rounds, or why it is not a result (see `speed.noise`)."""
     if reasons := [r for r in row.get("speed_noisy", []) if kind in r]:
-        return f"{kind} not measured reliably ({'; '.join(reasons)})"
+        return f"{kind} noisy, not a result ({'; '.join(reasons)})"
     return f"{kind} x{row[f'{kind}_speedup']:.2f} [{row[f'{kind}_speedup_low']:.2f}, {row[f'{kind}_speedup_high']:.2f}]"
 
 
@@ -226,7 +226,7 @@ def demo(
                   f"{ref_ci['high']:.3f}] on {answers['n']} test questions ({per_type})")  # fmt: skip
     console.print(
         f"[bold]skipit's plan: {head['flops_removed']:.1%} of prefill FLOPs removed, "
-        f"{speed_text(head, 'prefill')} and {speed_text(head, 'decode')} measured, accuracy {head['accuracy']:.3f} "
+        f"measured {speed_text(head, 'prefill')} and {speed_text(head, 'decode')}, accuracy {head['accuracy']:.3f} "
         f"[{acc_ci['low']:.3f}, {acc_ci['high']:.3f}], {head['accuracy_kept']:.1%} kept "
         f"[{kept_ci['low']:.1%}, {kept_ci['high']:.1%}] (McNemar p = {head['mcnemar_p']:.2g})[/bold]"
     )
