@@ -229,7 +229,7 @@ def summarize(done: dict[str, dict], analysis: dict | None, run_dir: Path, lost_
     }  # fmt: skip
     reference_row = done["empty"]
     result["reference"] |= {k: reference_row[k] for k in ("per_type",)}
-    result["reference"]["accuracy_ci"] = paired(correct["empty"], correct["empty"]).reference.to_dict()
+    result["reference"]["accuracy_ci"] = next(r["accuracy_ci"] for r in rows if r["name"] == "empty")
     result["baselines"] = [
         {"method": r["name"].split("@")[0], "budget": float(r["name"].split("@")[1]) if "@" in r["name"] else None,
          "flops_removed": r["flops_removed"], "prefill_speedup": r["prefill_speedup"],
