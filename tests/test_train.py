@@ -6,7 +6,7 @@ from skipit.evaluation import vqa
 
 def test_packed_rows_hold_every_question_once_after_one_image(tiny_llava):
     model, processor = tiny_llava
-    images, conversations = training_scenes(3, seed=0)
+    images, conversations, _ = training_scenes(3, seed=0)
     assert len(images) == len(conversations) == 3
     tok = processor.tokenizer
     for row, turns in zip(tokenize(processor, model, conversations), conversations, strict=True):
@@ -28,7 +28,7 @@ def test_packed_rows_hold_every_question_once_after_one_image(tiny_llava):
 def test_packed_loss_equals_each_question_asked_alone(tiny_llava):
     """Reference: every question run on its own through the model's ordinary forward (processor + pixels)."""
     model, processor = tiny_llava
-    images, conversations = training_scenes(2, seed=3)
+    images, conversations, _ = training_scenes(2, seed=3)
     feats = vision_features(model, processor, images)
     seqs = tokenize(processor, model, conversations)
     with torch.no_grad():
@@ -56,7 +56,7 @@ def test_projector_alone_learns(tiny_llava):
     proj = model.model.multi_modal_projector
     proj.requires_grad_(True)
     frozen = {k: v.clone() for k, v in model.state_dict().items() if "multi_modal_projector" not in k}
-    images, conversations = training_scenes(4, seed=0)
+    images, conversations, _ = training_scenes(4, seed=0)
     feats = vision_features(model, processor, images)
     assert feats.shape == (4, 4, 32)  # 2x2 patches, CLS dropped
     seqs = tokenize(processor, model, conversations)
@@ -94,3 +94,38 @@ def test_merged_lora_equals_the_trained_adapters(tiny_llava):
         untouched = model(input_ids=ids).logits
     assert torch.allclose(got, expected, atol=2e-3)  # the factors are stored in fp16
     assert (untouched - expected).abs().max() > 0.05  # the adapters did change the model
+
+
+class _WordIds:
+    """Tokenizer stand-in: each word is one token (as the size, colour and shape words are in SmolLM2)."""
+
+    vocab = {" small": 1, " large": 2, " red": 3, " blue": 4, " circle": 5, " square": 6}
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [self.vocab[text]]}
+
+
+def test_patch_words_mark_the_patches_each_object_covers():
+    from skipit.data.shapes import Obj
+    from skipit.demo.train import patch_words
+
+    big = Obj("square", "red", "large", 1, 1)  # the centre cell, 0.84 of its 37 px side: the middle 2x2 patches
+    small = Obj("circle", "blue", "small", 0, 0)  # 16 px across: less than one 14 px patch
+    words = patch_words([[big, small]], _WordIds(), grid=8)[0].view(8, 8, 3)
+    assert words[3:5, 3:5].tolist() == [[[2, 3, 6]] * 2] * 2
+    assert (words[..., 1] == 3).sum() >= 4 and (words[..., 1] == 3).sum() <= 9
+    assert (words[..., 1] == 4).sum() >= 1  # the small circle keeps the patch it covers most
+    assert words[1, 1].tolist() == [1, 4, 5]  # its centre, (18.7, 18.7) px, is in patch (1, 1)
+    assert words[7, 7].tolist() == [-1, -1, -1] and words[0, 7].tolist() == [-1, -1, -1]  # background
+
+
+def test_align_loss_is_zero_on_the_word_embeddings_and_one_at_zero():
+    from skipit.demo.train import align_loss
+
+    torch.manual_seed(0)
+    embeddings = torch.randn(10, 6)
+    words = torch.tensor([[[1, 2, 3], [-1, -1, -1]], [[4, 5, 6], [7, 8, 9]]])
+    exact = embeddings[words.clamp(min=0)].sum(dim=2)
+    exact[0, 1] = 100.0  # background patches are not scored
+    assert align_loss(exact, words, embeddings).item() < 1e-6
+    assert abs(align_loss(torch.zeros(2, 2, 6), words, embeddings).item() - 1.0) < 1e-6

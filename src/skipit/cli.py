@@ -161,6 +161,8 @@ def train_mini_llava(
     lora_rank: Annotated[int | None, typer.Option(help="LoRA rank on the LM's linear layers (0: none)")] = None,
     lora_lr: Annotated[float | None, typer.Option(help="LoRA learning rate")] = None,
     n_train: Annotated[int | None, typer.Option(help="Training scenes (features cached once)")] = None,
+    align_steps: Annotated[int | None, typer.Option(help="Projector-only alignment steps before the VQA steps")] = None,
+    align_weight: Annotated[float | None, typer.Option(help="Alignment loss weight next to the VQA loss")] = None,
     seed: int = 0,
     device: Annotated[str, typer.Option(help="Where to train: cpu, cuda, cuda:1, ...")] = "cpu",
 ) -> None:
@@ -172,10 +174,10 @@ def train_mini_llava(
     from skipit.progress import progress
 
     at_least(1, steps=steps, batch_size=batch_size, n_train=n_train)
-    at_least(0, lora_rank=lora_rank)
+    at_least(0, lora_rank=lora_rank, align_steps=align_steps, align_weight=align_weight)
     check_out_file(out)
     given = {"steps": steps, "batch_size": batch_size, "lr": lr, "lora_rank": lora_rank, "lora_lr": lora_lr,
-             "n_train": n_train}
+             "n_train": n_train, "align_steps": align_steps, "align_weight": align_weight}
     options = {k: v for k, v in given.items() if v is not None}
     with progress("step") as bar:
         task = bar.add_task("training", total=steps)

@@ -72,20 +72,32 @@ def sample_scene(rng: random.Random) -> list[Obj]:
 def render(objs: list[Obj], size: int = IMAGE_SIZE) -> Image.Image:
     img = Image.new("RGB", (size, size), (245, 245, 245))
     draw = ImageDraw.Draw(img)
-    cell = size / 3
     for o in objs:
-        cx, cy = (o.col + 0.5) * cell, (o.row + 0.5) * cell
-        r = SIZES[o.size] * cell
-        fill = COLORS[o.color]
-        if o.shape == "circle":
-            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
-        elif o.shape == "square":
-            draw.rectangle([cx - r, cy - r, cx + r, cy + r], fill=fill)
-        elif o.shape == "triangle":
-            draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill)
-        else:  # diamond
-            draw.polygon([(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], fill=fill)
+        _draw(draw, o, size, COLORS[o.color])
     return img
+
+
+def object_map(objs: list[Obj], size: int = IMAGE_SIZE) -> Image.Image:
+    """Which object covers each pixel of `render(objs)`: 0 for the background, i + 1 for `objs[i]` (mode "L")."""
+    img = Image.new("L", (size, size), 0)
+    draw = ImageDraw.Draw(img)
+    for i, o in enumerate(objs):
+        _draw(draw, o, size, i + 1)
+    return img
+
+
+def _draw(draw: ImageDraw.ImageDraw, o: Obj, size: int, fill) -> None:
+    cell = size / 3
+    cx, cy = (o.col + 0.5) * cell, (o.row + 0.5) * cell
+    r = SIZES[o.size] * cell
+    if o.shape == "circle":
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+    elif o.shape == "square":
+        draw.rectangle([cx - r, cy - r, cx + r, cy + r], fill=fill)
+    elif o.shape == "triangle":
+        draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill)
+    else:  # diamond
+        draw.polygon([(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], fill=fill)
 
 
 def caption(objs: list[Obj]) -> str:

@@ -8,6 +8,12 @@ With `lora_rank > 0` (the default used for the shipped weights), low-rank adapte
 attention projections are trained too, as LLaVA fine-tunes its LLM; they are merged into the pretrained
 weights when the model is assembled (see build.py), so the language layers are then close to, but not exactly,
 SmolLM2's.
+
+Alignment (`align_steps`, `align_weight`): the VQA loss alone never taught the projector to keep colour (the
+colour diagnosis in docs/benchmarks.md: its gradient only appears once the LM already reads colour, so training
+settles on a prior). So, as LLaVA's first stage aligns vision features to the LM's word embeddings, every vision
+token over an object is trained to equal the sum of the embeddings of that object's words (" small" + " red" +
+" circle"): first the projector alone (cheap: no LM), then as an extra loss next to the VQA loss.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from skipit.data.shapes import SPLITS, render, sample_scene, scene_questions
+from skipit.data.shapes import SPLITS, Obj, object_map, render, sample_scene, scene_questions
 from skipit.demo.build import LORA_TARGETS, assemble, cache_dir
 from skipit.evaluation import vqa
 
@@ -100,8 +106,9 @@ def packed_mask(segments: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     return mask[:, None]
 
 
-def batch_loss(model, feats: torch.Tensor, seqs: list[Packed], image_token_id: int):
-    """Mean cross-entropy over the answer tokens of a batch of packed rows."""
+def batch_loss(model, feats: torch.Tensor, seqs: list[Packed], image_token_id: int, projected=None):
+    """Mean cross-entropy over the answer tokens of a batch of packed rows (`projected`: the projector's output
+    for `feats`, when the caller already has it)."""
     lm = model.model.language_model
     pad = model.generation_config.pad_token_id
     width = max(len(s.ids) for s in seqs)
@@ -116,7 +123,8 @@ def batch_loss(model, feats: torch.Tensor, seqs: list[Packed], image_token_id: i
     ids, positions, segments = ids.to(model.device), positions.to(model.device), segments.to(model.device)
     embeds = lm.embed_tokens(ids)
     image_mask = ids == image_token_id
-    projected = model.model.multi_modal_projector(feats)
+    if projected is None:
+        projected = model.model.multi_modal_projector(feats)
     embeds = embeds.masked_scatter(image_mask[..., None], projected.reshape(-1, projected.shape[-1]).to(embeds.dtype))
     mask = packed_mask(segments, segments >= 0)
     hidden = lm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions).last_hidden_state
@@ -132,10 +140,41 @@ def batch_loss(model, feats: torch.Tensor, seqs: list[Packed], image_token_id: i
 
 
 def training_scenes(n: int, seed: int):
-    """`n` train-split scenes, each with one conversation covering every question type it can pose."""
+    """`n` train-split scenes: their images, one conversation each covering every question type the scene can pose,
+    and the scenes' objects."""
     rng = random.Random(f"shapes-train-conversations/{seed}/{SPLITS['train']}")
     scenes = [sample_scene(rng) for _ in range(n)]
-    return [render(s) for s in scenes], [[(q, a) for q, a, _ in scene_questions(s, rng)] for s in scenes]
+    return [render(s) for s in scenes], [[(q, a) for q, a, _ in scene_questions(s, rng)] for s in scenes], scenes
+
+
+ALIGN_MIN_COVER = 0.25  # a patch is an object's when the object covers at least this share of its pixels
+
+
+def patch_words(scenes: list[list[Obj]], tokenizer, grid: int, patch: int = 14) -> torch.Tensor:
+    """(n, grid * grid, 3) token ids of " <size>", " <colour>", " <shape>" for the object under each patch (raster
+    order, as the vision tokens), -1 for background. Small objects cover less than one patch: each object also
+    keeps the patch it covers most."""
+    def word(w: str) -> int:
+        (token,) = tokenizer(" " + w, add_special_tokens=False)["input_ids"]  # one token each in SmolLM2
+        return token
+
+    out = torch.full((len(scenes), grid * grid, 3), -1, dtype=torch.long)
+    for n, objs in enumerate(scenes):
+        labels = torch.tensor(list(object_map(objs, grid * patch).getdata()), dtype=torch.long)
+        labels = labels.view(grid, patch, grid, patch).permute(0, 2, 1, 3).reshape(grid * grid, patch * patch)
+        for i, o in enumerate(objs):
+            cover = (labels == i + 1).float().mean(dim=1)
+            keep = (cover >= ALIGN_MIN_COVER) | ((cover == cover.max()) & (cover > 0))
+            out[n, keep] = torch.tensor([word(o.size), word(o.color), word(o.shape)])
+    return out
+
+
+def align_loss(projected: torch.Tensor, words: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
+    """Squared distance between each object patch's vision token and the sum of its words' embeddings, relative to
+    the targets' mean square (unitless: 1.0 for an all-zero output), averaged over object patches."""
+    on_object = words[..., 0] >= 0
+    target = embeddings[words[on_object]].sum(dim=1).float()
+    return F.mse_loss(projected[on_object].float(), target) / target.pow(2).mean()
 
 
 def cached_features(model, processor, images, n: int, seed: int) -> torch.Tensor:
@@ -181,30 +220,82 @@ def train(
     lora_rank: int = 16,
     lora_alpha: float = 32.0,
     lora_lr: float = 1e-3,
-    n_train: int = 3000,
+    n_train: int = 4000,
+    align_steps: int = 1000,
+    align_weight: float = 1.0,
     seed: int = 0,
     bf16: bool = True,
     checkpoint_every: int = 50,
     log: Callable[[int, int, float], None] | None = None,
     device: str = "cpu",
 ) -> Path:
-    """Train and save the projector (+ LoRA factors) as safetensors at `out` (temp file, then rename)."""
+    """Train and save the projector (+ LoRA factors) as safetensors at `out` (temp file, then rename).
+
+    First `align_steps` steps of the projector alone on the alignment loss (batches of 64 images), then `steps`
+    steps of the VQA loss + `align_weight` x the alignment loss. `log(step, total, loss)` counts both stages.
+    """
     torch.manual_seed(seed)
     model, processor = assemble(trained=None)
     model.to(device)
     model.requires_grad_(False)
     projector = model.model.multi_modal_projector
     projector.requires_grad_(True)
+
+    images, conversations, scenes = training_scenes(n_train, seed)
+    feats = cached_features(model, processor, images, n_train, seed).to(device)
+    grid = int(math.isqrt(feats.shape[1]))
+    words = patch_words(scenes, processor.tokenizer, grid).to(device)
+    embeddings = model.get_input_embeddings().weight.detach()
+    seqs = tokenize(processor, model, conversations)
+    image_token_id = model.config.image_token_id
+    total = align_steps + steps
+    rng = random.Random(seed)
+
+    if align_steps:  # stage 1: the projector alone, dense targets on every object patch
+        opt = torch.optim.AdamW(projector.parameters(), lr=lr, weight_decay=0.0)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, _warmup_cosine(align_steps))
+        for step in range(align_steps):
+            idx = rng.sample(range(len(feats)), min(64, len(feats)))
+            loss = align_loss(projector(feats[idx]), words[idx], embeddings)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            if log:
+                log(step, total, loss.item())
+
     groups = [{"params": list(projector.parameters()), "lr": lr}]
     if lora_rank:
         groups.append({"params": add_lora(model, lora_rank, lora_alpha), "lr": lora_lr})
-
-    images, conversations = training_scenes(n_train, seed)
-    feats = cached_features(model, processor, images, n_train, seed).to(device)
-    seqs = tokenize(processor, model, conversations)
-    image_token_id = model.config.image_token_id
-
     opt = torch.optim.AdamW(groups, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _warmup_cosine(steps))
+    order: list[int] = []
+    trainable = [p for g in groups for p in g["params"]]
+    for step in range(steps):
+        if len(order) < batch_size:  # epochs over the scenes; with steps x batch <= n_train no scene repeats
+            order += rng.sample(range(len(seqs)), len(seqs))
+        idx, order = order[:batch_size], order[batch_size:]
+        # bf16 autocast: ~1.5x faster on CPUs with AVX512-BF16; the trained weights stay fp32
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
+            projected = projector(feats[idx])
+            loss = batch_loss(model, feats[idx], [seqs[i] for i in idx], image_token_id, projected=projected)
+            if align_weight:
+                loss = loss + align_weight * align_loss(projected, words[idx], embeddings)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        opt.step()
+        sched.step()
+        if log:
+            log(align_steps + step, total, loss.item())
+        if checkpoint_every and (step + 1) % checkpoint_every == 0:
+            _save(trained_state(model, lora_rank, lora_alpha), Path(out))
+    _save(trained_state(model, lora_rank, lora_alpha), Path(out))
+    return Path(out)
+
+
+def _warmup_cosine(steps: int) -> Callable[[int], float]:
+    """Linear warm-up over the first 5 % of the steps, then cosine decay to zero."""
     warmup = max(1, steps // 20)
 
     def schedule(step: int) -> float:
@@ -212,28 +303,7 @@ def train(
             return (step + 1) / warmup
         return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
 
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
-    rng = random.Random(seed)
-    order: list[int] = []
-    trainable = [p for g in groups for p in g["params"]]
-    for step in range(steps):
-        if len(order) < batch_size:
-            order += rng.sample(range(len(seqs)), len(seqs))
-        idx, order = order[:batch_size], order[batch_size:]
-        # bf16 autocast: ~1.5x faster on CPUs with AVX512-BF16; the trained weights stay fp32
-        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
-            loss = batch_loss(model, feats[idx], [seqs[i] for i in idx], image_token_id)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-        opt.step()
-        sched.step()
-        if log:
-            log(step, steps, loss.item())
-        if checkpoint_every and (step + 1) % checkpoint_every == 0:
-            _save(trained_state(model, lora_rank, lora_alpha), Path(out))
-    _save(trained_state(model, lora_rank, lora_alpha), Path(out))
-    return Path(out)
+    return schedule
 
 
 def _save(state: dict[str, torch.Tensor], out: Path) -> None:
