@@ -383,9 +383,21 @@ def plan_(
     freeze_vision: Annotated[bool, typer.Option(help="Also freeze vision tokens in redundant layers in k..m")] = False,
     functional: Annotated[bool, typer.Option(
         help="Freeze vision tokens where ablation KL is lowest, summed under kappa (analyze --ablation)")] = False,
-    kappa: Annotated[float | None, typer.Option(help="Functional: summed ablation KL under this (nats) [0.02]")] = None,
+    kappa: Annotated[float | None, typer.Option(
+        help="Functional: summed ablation KL under this; composed: held-out KL at most this (nats) [0.02]")] = None,
+    composed: Annotated[bool, typer.Option(
+        help="Run the model: add decisions by measured KL per FLOP, check the plan on held-out records")] = False,
+    model: Annotated[str | None, typer.Option(help="Composed: model folder [default: the analysed model]")] = None,
+    calib: Annotated[Path | None, typer.Option(
+        help="Composed: calibration records [default: the analysis's data]")] = None,
+    n_score: Annotated[int | None, typer.Option(help="Composed: records that rank the decisions [16]")] = None,
+    n_heldout: Annotated[int | None, typer.Option(help="Composed: held-out records that check the plan [16]")] = None,
+    beam: Annotated[int | None, typer.Option(help="Composed: plans kept at each step [1: greedy]")] = None,
+    shortlist: Annotated[int | None, typer.Option(help="Composed: best-ranked decisions tried per step [6]")] = None,
+    step: Annotated[int | None, typer.Option(help="Composed: layer spacing of exits, entries, pruning [1]")] = None,
 ) -> None:
-    """Turn an analysis into a skip plan: the widest bands whose layers all meet the conditions."""
+    """Turn an analysis into a skip plan: the widest bands whose layers all meet the conditions (or, with
+    --composed, the decisions measured to cost the least KL per FLOP removed)."""
     from dataclasses import replace
 
     from skipit.analysis import Analysis
@@ -394,14 +406,52 @@ def plan_(
     check_out_file(out)
     if budget is not None and not 0 < budget < 1:
         raise SkipitError(f"--budget is a fraction of the prefill FLOPs between 0 and 1, got {budget:g}")
+    search = {"n_score": n_score, "n_heldout": n_heldout, "beam": beam, "shortlist": shortlist, "step": step}
+    if composed:
+        conditions = {"--functional": functional, "--freeze-vision": freeze_vision, "--mode": mode,
+                      "--epsilon": epsilon, "--delta": delta, "--eta": eta, "--tau": tau}  # fmt: skip
+        if given := [name for name, value in conditions.items() if value not in (None, False)]:
+            raise SkipitError(f"--composed measures every decision on the model; it does not take {given[0]} "
+                              "(give --budget or --kappa)")  # fmt: skip
+        if budget is not None and kappa is not None:
+            raise SkipitError("--composed takes one of --budget (the FLOPs to remove) and --kappa (the KL allowed)")
+        if kappa is not None and not kappa > 0:
+            raise SkipitError(f"--kappa is the held-out KL allowed, in nats, above 0; got {kappa:g}")
+        at_least(1, **search)
+    elif given := [name for name, value in {"model": model, "calib": calib, **search}.items() if value is not None]:
+        raise SkipitError(f"--{given[0].replace('_', '-')} goes with --composed")
     result = Analysis.load(analysis).result
     given = {"epsilon": epsilon, "delta": delta, "eta": eta, "tau": tau, "kappa": kappa}
     thresholds = replace(Thresholds(), **{k: v for k, v in given.items() if v is not None})
-    plan = make_plan(result, thresholds, budget=budget, mode=mode, freeze_vision=freeze_vision, functional=functional)
+    if composed:
+        from skipit.composer import N_HELDOUT, N_SCORE
+        from skipit.data.jsonl import load_records
+        from skipit.evaluation.run import load_vlm
+
+        model = model or result.model.path
+        calib = calib or (Path(result.data.path) if result.data.path else None)
+        if model is None or calib is None:
+            missing = "--model" if model is None else "--calib"
+            raise SkipitError(f"the analysis does not say where its {missing[2:]} is: give {missing}")
+        records = load_records(calib, limit=(n_score or N_SCORE) + (n_heldout or N_HELDOUT))
+        vlm, processor = load_vlm(model)
+        with console.status(f"measuring plans on {len(records)} calibration records"):
+            plan = make_plan(result, thresholds, budget=budget, composed=True, model=vlm, processor=processor,
+                             calib=records, compose_options={k: v for k, v in search.items() if v is not None})
+    else:
+        plan = make_plan(result, thresholds, budget=budget, mode=mode, freeze_vision=freeze_vision,
+                         functional=functional)  # fmt: skip
     out = out or (analysis if analysis.is_dir() else analysis.parent) / "plan.json"
     check_out_file(out)
     plan.save(out)
     _print_plan(plan)
+    if composed:
+        ev, kl = plan.evidence, plan.evidence["kl"]
+        decisions = ", ".join(d["name"] for d in ev["decisions"]) or "none"
+        console.print(f"composed of: {decisions}; held-out KL {kl['value']:.4g} [{kl['low']:.4g}, {kl['high']:.4g}] "
+                      f"nats on {len(ev['calibration']['heldout'])} records, {ev['flops_removed']:.1%} of prefill "
+                      f"FLOPs removed ({sum(ev['search']['plans_measured'].values())} plans measured in "
+                      f"{ev['search']['seconds']:.0f} s)")  # fmt: skip
     console.print(f"plan written to {out}")
 
 

@@ -25,6 +25,10 @@ the layer changes the tokens by less than a quarter of their norm (r < 0.25). de
 attention on the image (the level LLaVA-1.5 falls to after its first layers). With `budget`, the thresholds are
 scaled together by the smallest factor whose plan removes at least that fraction of prefill FLOPs, so layers join
 in order of cost.
+
+With `composed=True` the plan comes from measurements of the model instead (`skipit.composer`): decisions are
+chosen by the KL they are measured to cost per FLOP they remove, and the composed plan's KL is measured on held-out
+calibration examples.
 """
 
 from __future__ import annotations
@@ -178,6 +182,11 @@ def make_plan(
     mode: str | None = None,
     freeze_vision: bool = False,
     functional: bool = False,
+    composed: bool = False,
+    model=None,
+    processor=None,
+    calib=None,
+    compose_options: dict | None = None,
 ) -> Plan:
     """The plan the conditions allow (thresholds), or the cheapest-to-lose plan removing `budget` of prefill FLOPs.
 
@@ -187,8 +196,15 @@ def make_plan(
     (ShortV-style).
     `functional`: freeze vision tokens by the functional condition instead, from an analysis made with `--ablation`:
     in the layers whose ablation KL for vision tokens is lowest, while its sum stays under `thresholds.kappa`.
+    `composed`: the composed functional plan of `model` (with its `processor`) measured on the calibration records
+    `calib` (`skipit.composer.compose_plan`, which `compose_options` go to: n_score, n_heldout, beam, shortlist,
+    step, batch_size): with `budget`, the least KL with at least that share of the prefill FLOPs removed; without,
+    the most FLOPs removed with a held-out KL of at most `thresholds.kappa`. The other conditions do not apply to it.
     """
     analysis = as_result(analysis, "make_plan")
+    if composed:
+        return _composed_plan(analysis, thresholds, budget, mode, freeze_vision, functional, model, processor, calib,
+                              compose_options or {})  # fmt: skip
     if analysis.model.shape is None:
         raise SkipitError(NO_SHAPE)
     if mode is not None and mode not in MODES:
@@ -216,6 +232,26 @@ def make_plan(
         plan.evidence["reasons"] = {**plan.evidence["reasons"], "kappa": KAPPA_REASON}
         plan.evidence["functional"] = {"ablation_kl_vision": [round(v, 5) for v in kl],
                                        "frozen_sum": round(sum(kl[j] for j in plan.frozen_vision_layers), 5)}
+    return plan
+
+
+def _composed_plan(analysis: AnalysisResult, thresholds, budget, mode, freeze_vision, functional, model, processor,
+                   calib, options: dict) -> Plan:  # fmt: skip
+    from skipit.composer import compose_plan
+    from skipit.plan import fingerprint
+
+    if functional or freeze_vision or mode is not None:
+        given = "functional" if functional else "freeze_vision" if freeze_vision else "mode"
+        raise SkipitError(f"composed planning measures every decision itself; it does not take {given}")
+    if model is None or processor is None or calib is None:
+        raise SkipitError("composed planning runs the model: give model, processor and calib (calibration records)")
+    if analysis.model.fingerprint not in (None, fingerprint(model)):
+        raise SkipitError("the analysis is of other weights than the model (fingerprint differs): give this model's "
+                          "analysis")  # fmt: skip
+    kappa = None if budget is not None else (thresholds or Thresholds()).kappa
+    plan = compose_plan(model, processor, calib, budget=budget, kappa=kappa, **options)
+    plan.evidence["analysis"] = {"fingerprint": analysis.model.fingerprint, "data": analysis.data.to_dict(),
+                                 "created": analysis.created}  # fmt: skip
     return plan
 
 

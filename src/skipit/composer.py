@@ -1,0 +1,448 @@
+"""The composed functional planner: decisions chosen by the KL they are measured to cost, per FLOP they remove.
+
+Where `skipit.planner` reads per-layer conditions off an analysis, this planner runs the model. What it measures is
+one number per plan: the KL(untouched || plan) of the model's next-token distribution at the answer position (the
+last prompt token), averaged over calibration examples, the quantity of `skipit.baselines.kl`. A decision is one
+unit a plan can hold:
+
+- `freeze j`: vision tokens are not updated by layer j (`frozen_vision_layers`);
+- `exit m`: vision tokens leave after layer m (`early_exit`); its measured KL is the functional early-exit condition;
+- `prune p f`: after layer p only the share f of the vision tokens that the ranker keeps goes on
+  (`prune_vision_after`, `prune_vision_keep` and whatever ranker the plan offers);
+- `skip j`: layer j is not run at all (`skip_layers`);
+- `enter k absent|frozen`: vision tokens enter at layer k (`late_entry`, `late_entry_mode`).
+
+The search, top to bottom in `compose`:
+
+1. Every decision alone is measured on the *scoring* examples: its KL and its share of prefill FLOPs removed. The
+   decisions are ranked by KL per FLOP removed.
+2. Greedy composition from the empty plan. At each step, the `shortlist` best-ranked decisions that still apply to
+   the current plan (and remove more FLOPs) are added to it one at a time and each composed plan is measured on the
+   scoring examples; the one with the least added KL per added FLOP joins the plan (with `beam` > 1, the `beam` such
+   children of all current plans go on). Each plan that goes on is measured on the *held-out* examples, which were
+   never used to rank or choose a decision.
+3. Stopping. `budget` F: the first plans that remove at least F of the prefill FLOPs end the search; of those, the one
+   with the least KL on the scoring examples is the plan. `kappa` K: a plan whose held-out KL exceeds K does not go
+   on; the plan is the one with the most FLOPs removed among those whose held-out KL stayed at most K (the empty plan
+   when no decision does).
+
+The plan's evidence holds the held-out KL of the composed plan with a bootstrap interval over examples, each
+decision in the order it joined (its KL alone, what it added, the composed plan's KL on both sets and FLOPs
+removed), the KL and FLOPs of every decision alone, and the cost of the search. The vision encoder runs once per
+calibration record: every plan is measured from the same encoded inputs, since a plan changes only the language
+backbone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from skipit.errors import SkipitError
+from skipit.flops import batch_costs
+from skipit.intervals import mean_interval
+from skipit.plan import Plan
+from skipit.prompts import record_inputs
+from skipit.skipping import apply_plan, remove_plan
+
+KAPPA = 0.02  # nats: the composed KL allowed when no budget is given (the functional planner's Pinsker argument)
+KEEP_SHARES = (0.75, 0.5, 0.25)  # the vision-token shares a pruning decision may keep
+N_SCORE, N_HELDOUT = 16, 16  # calibration examples that rank the decisions, and those that check the composed plan
+SHORTLIST, BEAM = 6, 1
+DECODE_STEPS = 16  # for the predicted decode-step saving, as in `skipit.planner.predicted`
+
+# ---------------------------------------------------------------- decisions
+
+
+@dataclass(frozen=True)
+class Decision:
+    """One unit of work a plan can remove. `kind`: freeze, exit, prune, skip or enter."""
+
+    kind: str
+    layer: int
+    mode: str | None = None  # enter: absent or frozen
+    keep: float | None = None  # prune: the share of vision tokens kept
+    ranker: str | None = None  # prune: how the kept tokens are chosen (when the plan offers a choice)
+
+    @property
+    def name(self) -> str:
+        name = f"{self.kind} {self.layer}"
+        if self.kind == "enter":
+            name += f" {self.mode}"
+        if self.kind == "prune":
+            name += f" keep {self.keep:g}" + (f" {self.ranker}" if self.ranker else "")
+        return name
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+    def apply(self, fields: dict) -> dict | None:
+        """The plan's decisions `fields` with this one added, or None where it does not apply (already there,
+        covered by what the plan removes, or in conflict with it). `Plan` checks the rest."""
+        f = dict(fields)
+        j = self.layer
+        last = f["early_exit"] if f["early_exit"] is not None else math.inf
+        prune = f["prune_vision_after"]
+        if self.kind == "freeze":
+            if j in f["skip_layers"] or j in f["frozen_vision_layers"] or not f["late_entry"] <= j <= last:
+                return None
+            f["frozen_vision_layers"] = (*f["frozen_vision_layers"], j)
+        elif self.kind == "skip":
+            if j in f["skip_layers"]:
+                return None
+            f["skip_layers"] = (*f["skip_layers"], j)
+            f["frozen_vision_layers"] = tuple(i for i in f["frozen_vision_layers"] if i != j)
+        elif self.kind == "exit":
+            if j >= last:
+                return None
+            f["early_exit"] = j
+            f["frozen_vision_layers"] = tuple(i for i in f["frozen_vision_layers"] if i <= j)
+        elif self.kind == "enter":
+            if f["late_entry"] and (j <= f["late_entry"] or self.mode != f["late_entry_mode"]):
+                return None
+            f["late_entry"], f["late_entry_mode"] = j, self.mode
+            f["frozen_vision_layers"] = tuple(i for i in f["frozen_vision_layers"] if i >= j)
+        elif self.kind == "prune":
+            if prune is not None and not (prune == j and self.keep < f["prune_vision_keep"]
+                                          and self.ranker == f.get("prune_vision_rank")):  # fmt: skip
+                return None
+            f["prune_vision_after"], f["prune_vision_keep"] = j, self.keep
+            if self.ranker is not None:
+                f["prune_vision_rank"] = self.ranker
+        else:
+            raise ValueError(f"unknown decision kind {self.kind!r}")
+        return f
+
+
+def plan_fields(plan: Plan) -> dict:
+    """The decisions of `plan` as keyword arguments of `Plan.with_decisions`."""
+    d = plan.to_dict()
+    names = {f.name for f in dataclasses.fields(Plan)} - {"architecture", "num_layers", "fingerprint", "evidence"}
+    return {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k in names}
+
+
+def prune_options() -> tuple[tuple[str | None, ...], tuple[int, ...]]:
+    """The rankings a pruning decision may use (None: the plan offers only FastV's attention ranking) and where
+    pruning may start besides the decoder layers (the plan's index for "before layer 0", where it has one). Which
+    ranking may start where is the plan's rule: a combination it refuses is not a candidate."""
+    import skipit.plan as plan_module
+
+    rankers = tuple(getattr(plan_module, "RANKS", ())) or (None,)
+    before = getattr(plan_module, "BEFORE_LAYERS", None)
+    return rankers, (before,) if before is not None else ()
+
+
+def candidates(num_layers: int, step: int = 1, keep_shares: Sequence[float] = KEEP_SHARES) -> list[Decision]:
+    """Every decision on a model of `num_layers` layers. Freezing and skipping are tried at every layer; the band
+    decisions (exit, entry, pruning) at every `step`-th layer."""
+    L = num_layers
+    band = range(0, L - 1, step)
+    rankers, before = prune_options()
+    out = [Decision("freeze", j) for j in range(L)]
+    out += [Decision("skip", j) for j in range(L)]
+    out += [Decision("exit", m) for m in band]
+    out += [Decision("enter", k, mode=md) for md in ("absent", "frozen") for k in band if k > 0]
+    out += [Decision("prune", p, keep=f, ranker=r) for r in rankers for p in (*before, *band) for f in keep_shares]
+    return out
+
+
+# ---------------------------------------------------------------- what is measured
+
+
+class Measurer:
+    """Measures plans: `kl(plan, split)` per example of the "score" or "heldout" records, `saving(plan)` the share
+    of prefill FLOPs removed. Results are kept per plan, so a plan is measured once per split."""
+
+    def __init__(self, kl: Callable[[Plan, str], list[float]], saving: Callable[[Plan], float]):
+        self._kl, self._saving = kl, saving
+        self._cache: dict = {}
+        self.measured = {"score": 0, "heldout": 0}  # plans run on each split
+
+    def kl(self, plan: Plan, split: str) -> list[float]:
+        key = (split, _key(plan))
+        if key not in self._cache:
+            self._cache[key] = self._kl(plan, split)
+            self.measured[split] += 1
+        return self._cache[key]
+
+    def mean_kl(self, plan: Plan, split: str) -> float:
+        values = self.kl(plan, split)
+        return sum(values) / len(values)
+
+    def saving(self, plan: Plan) -> float:
+        key = ("saving", _key(plan))
+        if key not in self._cache:
+            self._cache[key] = self._saving(plan)
+        return self._cache[key]
+
+
+def _key(plan: Plan) -> str:
+    return json.dumps(plan_fields(plan), sort_keys=True)
+
+
+def encode(model, inputs: dict) -> dict:
+    """`inputs` with the pixels replaced by the vision encoder's output, as generate() does before the prefill, so
+    that the encoder runs once; models that cannot take encoded inputs keep their pixels."""
+    supports = getattr(model, "_supports_mm_encoder_outputs", None)
+    modalities = set(getattr(model, "input_modalities", ())) & {"image", "video"}
+    if supports is None or not supports() or not modalities:
+        return dict(inputs)
+    with torch.inference_mode():
+        return model._prepare_multimodal_encoder_kwargs_for_generation(dict(inputs))
+
+
+class ModelMeasurer(Measurer):
+    """KL and FLOPs of plans of `model` on two sets of calibration records, from inputs encoded once."""
+
+    def __init__(self, model, processor, score: Sequence, heldout: Sequence, batch_size: int = 16):
+        self.model = model
+        self.batches = {split: [encode(model, record_inputs(processor, rows[i:i + batch_size], device=model.device))
+                                for i in range(0, len(rows), batch_size)]
+                        for split, rows in (("score", score), ("heldout", heldout))}  # fmt: skip
+        self.reference = {split: self._logprobs(split, None) for split in self.batches}
+        self.plain_prefill = sum(batch_costs(model, b, None, 1)["prefill"] for b in self._all())
+        super().__init__(self._measure_kl, self._measure_saving)
+
+    def _all(self) -> list[dict]:
+        return self.batches["score"] + self.batches["heldout"]
+
+    @torch.inference_mode()
+    def _logprobs(self, split: str, plan: Plan | None) -> torch.Tensor:
+        if plan is not None:
+            apply_plan(self.model, plan)
+        try:
+            out = [torch.log_softmax(self.model(**b, logits_to_keep=1).logits[:, -1].float(), -1)
+                   for b in self.batches[split]]  # fmt: skip
+        finally:
+            if plan is not None:
+                remove_plan(self.model)
+        return torch.cat(out)
+
+    def _measure_kl(self, plan: Plan, split: str) -> list[float]:
+        p, q = self.reference[split], self._logprobs(split, plan)
+        return (p.exp() * (p - q)).sum(-1).tolist()  # KL(untouched || plan) per example, in nats
+
+    def _measure_saving(self, plan: Plan) -> float:
+        return 1 - sum(batch_costs(self.model, b, plan, 1)["prefill"] for b in self._all()) / self.plain_prefill
+
+    def predicted(self, plan: Plan) -> dict:
+        """Ideal speed-ups and FLOPs removed on the calibration prompts, with the keys of `planner.predicted`."""
+        base, mine = ({k: sum(batch_costs(self.model, b, p, DECODE_STEPS + 1)[k] for b in self._all())
+                       for k in ("prefill", "decode", "kv_bytes")} for p in (None, plan))  # fmt: skip
+        return {"prefill": base["prefill"] / mine["prefill"], "decode": base["decode"] / mine["decode"],
+                "kv_memory": mine["kv_bytes"] / base["kv_bytes"],
+                "flops_removed": 1 - mine["prefill"] / base["prefill"],
+                "decode_flops_removed": 1 - mine["decode"] / base["decode"]}  # fmt: skip
+
+
+# ---------------------------------------------------------------- the search
+
+
+@dataclass
+class State:
+    """A plan on the search path: the decisions it was built from, in order, and what was measured on it."""
+
+    plan: Plan
+    decisions: tuple[Decision, ...] = ()
+    kl: float = 0.0  # mean KL on the scoring examples
+    saving: float = 0.0  # share of prefill FLOPs removed
+    ratio: float = 0.0  # KL added per FLOP added by its last decision (scoring examples)
+    heldout: list[float] | None = None  # per held-out example KL
+    steps: list[dict] = field(default_factory=list)  # what each decision did, in order
+
+    @property
+    def heldout_kl(self) -> float:
+        return sum(self.heldout) / len(self.heldout)
+
+
+@dataclass(frozen=True)
+class Alone:
+    decision: Decision
+    kl: float
+    saving: float
+
+    @property
+    def ratio(self) -> float:
+        return max(self.kl, 0.0) / self.saving
+
+
+def score_alone(measurer: Measurer, empty: Plan, pool: Sequence[Decision]) -> list[Alone]:
+    """Each decision that applies to the empty plan, measured alone on the scoring examples, ranked by KL per FLOP
+    removed (then by FLOPs removed, most first)."""
+    out = []
+    for d in pool:
+        plan = _with(empty, d, plan_fields(empty))
+        if plan is None or (s := measurer.saving(plan)) <= 0 or (k := _score(measurer, plan)) is None:
+            continue
+        out.append(Alone(d, k, s))
+    return sorted(out, key=lambda a: (a.ratio, -a.saving))
+
+
+def _score(measurer: Measurer, plan: Plan) -> float | None:
+    """Mean KL on the scoring examples; None when the engine refuses the plan on this model (a ranking the family
+    cannot compute, say): such a plan is not a candidate."""
+    try:
+        return measurer.mean_kl(plan, "score")
+    except SkipitError:
+        return None
+
+
+def _with(empty: Plan, d: Decision, fields: dict) -> Plan | None:
+    new = d.apply(fields)
+    if new is None:
+        return None
+    try:
+        return empty.with_decisions(**new)
+    except SkipitError:  # e.g. every layer skipped, or a frozen layer after the pruning layer
+        return None
+
+
+def _children(measurer: Measurer, empty: Plan, state: State, ranking: Sequence[Alone], shortlist: int) -> list[State]:
+    """The current plan with each of the `shortlist` best-ranked decisions that still apply and remove more."""
+    out = []
+    fields = plan_fields(state.plan)
+    for alone in ranking:
+        if len(out) == shortlist:
+            break
+        plan = _with(empty, alone.decision, fields)
+        if plan is None or (s := measurer.saving(plan)) <= state.saving + 1e-12:
+            continue
+        if (k := _score(measurer, plan)) is None:
+            continue
+        ratio = max(k - state.kl, 0.0) / (s - state.saving)
+        step = {"decision": alone.decision.to_dict(), "name": alone.decision.name,
+                "alone": {"kl": _r(alone.kl), "flops_removed": _r(alone.saving)},
+                "added": {"kl": _r(k - state.kl), "flops_removed": _r(s - state.saving)}}  # fmt: skip
+        out.append(State(plan, (*state.decisions, alone.decision), k, s, ratio, None, state.steps + [step]))
+    return out
+
+
+def compose(measurer: Measurer, empty: Plan, budget: float | None = None, kappa: float | None = None,
+            beam: int = BEAM, shortlist: int = SHORTLIST, step: int = 1,
+            pool: Sequence[Decision] | None = None) -> tuple[State, dict]:  # fmt: skip
+    """The composed plan (module docstring) as the last `State` of its search, and the search's record: every
+    decision alone, and the plans measured on the held-out examples in the order they were."""
+    budget, kappa = check_objective(budget, kappa)
+    check_search(beam, shortlist, step)
+    ranking = score_alone(measurer, empty, pool if pool is not None else candidates(empty.num_layers, step))
+    root = State(empty, heldout=measurer.kl(empty, "heldout"))
+    frontier, finished, feasible, path = [root], [], [root], []
+    while frontier:
+        children = {}
+        for state in frontier:
+            for child in _children(measurer, empty, state, ranking, shortlist):
+                key = _key(child.plan)
+                if key not in children or child.ratio < children[key].ratio:
+                    children[key] = child
+        kept = sorted(children.values(), key=lambda c: (c.ratio, -c.saving))[:beam]
+        for child in kept:
+            child.heldout = measurer.kl(child.plan, "heldout")
+            composed = {"kl_score": _r(child.kl), "kl_heldout": _r(child.heldout_kl), "flops_removed": _r(child.saving)}
+            child.steps[-1]["composed"] = composed
+            path.append({"decisions": [d.name for d in child.decisions], **composed})
+        if budget is not None:
+            finished += [c for c in kept if c.saving >= budget]
+            best = min((c.kl for c in finished), default=math.inf)
+            frontier = [c for c in kept if c.saving < budget and c.kl < best]
+        else:
+            frontier = [c for c in kept if c.heldout_kl <= kappa]
+            feasible += frontier
+    record = {"alone": ranking, "path": path}
+    if budget is not None:
+        if not finished:
+            most = max((p["flops_removed"] for p in path), default=0.0)
+            raise SkipitError(f"no composed plan removes {budget:.0%} of the prefill FLOPs; the search reached "
+                              f"{most:.1%} (try a smaller --budget, --step 1 or a wider --shortlist)")  # fmt: skip
+        return min(finished, key=lambda c: (c.kl, -c.saving)), record
+    return max(feasible, key=lambda c: (c.saving, -c.heldout_kl)), record
+
+
+def check_objective(budget: float | None, kappa: float | None) -> tuple[float | None, float | None]:
+    """(budget, kappa) with the default: kappa = KAPPA when neither is given."""
+    if budget is not None and kappa is not None:
+        raise SkipitError("give one of budget (the FLOPs to remove) and kappa (the KL allowed), not both")
+    if budget is not None and not 0 < budget < 1:
+        raise SkipitError(f"budget is a fraction of the prefill FLOPs to remove, in (0, 1); got {budget:g}")
+    if kappa is not None and not kappa > 0:
+        raise SkipitError(f"kappa is the composed KL allowed, in nats, above 0; got {kappa:g}")
+    return budget, (KAPPA if budget is None and kappa is None else kappa)
+
+
+def check_search(beam: int, shortlist: int, step: int) -> None:
+    if bad := [name for name, v in (("beam", beam), ("shortlist", shortlist), ("step", step)) if v < 1]:
+        raise SkipitError(f"{bad[0]} must be at least 1")
+
+
+# ---------------------------------------------------------------- the API
+
+
+def compose_plan(model, processor, records: Sequence, budget: float | None = None, kappa: float | None = None, *,
+                 n_score: int | None = None, n_heldout: int | None = None, beam: int = BEAM,
+                 shortlist: int = SHORTLIST, step: int = 1, batch_size: int = 16) -> Plan:  # fmt: skip
+    """The composed functional plan of `model` (module docstring) from calibration `records` (no answers needed):
+    the first `n_score` rank the decisions, the next `n_heldout` measure the composed plans (default: 16 and 16, or
+    half and half of fewer than 32 records). `budget`: the least KL with at least that share of the prefill FLOPs
+    removed; `kappa`: the most FLOPs removed with a held-out KL of at most kappa nats (the default, kappa = 0.02)."""
+    budget, kappa = check_objective(budget, kappa)
+    check_search(beam, shortlist, step)
+    score, heldout = split_records(records, n_score, n_heldout)
+    start = time.perf_counter()
+    measurer = ModelMeasurer(model, processor, score, heldout, batch_size)
+    empty = Plan.for_model(model)
+    state, record = compose(measurer, empty, budget, kappa, beam, shortlist, step)
+    plan = empty.with_decisions(**plan_fields(state.plan))
+    plan.evidence = evidence(state, record, measurer, budget, kappa,
+                             {"beam": beam, "shortlist": shortlist, "step": step}, score, heldout)  # fmt: skip
+    plan.evidence["search"]["seconds"] = round(time.perf_counter() - start, 2)
+    plan.evidence["predicted"] = {k: round(v, 4) for k, v in measurer.predicted(plan).items()}
+    return plan
+
+
+def split_records(records: Sequence, n_score: int | None, n_heldout: int | None) -> tuple[list, list]:
+    """The scoring records (first) and the held-out ones (next); see `compose_plan` for the defaults."""
+    n = len(records)
+    if n_score is None and n_heldout is None and n < N_SCORE + N_HELDOUT:
+        n_score, n_heldout = (n + 1) // 2, n // 2
+    n_score = N_SCORE if n_score is None else n_score
+    n_heldout = N_HELDOUT if n_heldout is None else n_heldout
+    if n_score < 1 or n_heldout < 1:
+        raise SkipitError("composed planning needs at least one scoring and one held-out calibration record")
+    if n < n_score + n_heldout:
+        raise SkipitError(f"composed planning uses {n_score} calibration records to score decisions and {n_heldout} "
+                          f"held out, but got {n}: give more records or fewer of each")  # fmt: skip
+    return list(records[:n_score]), list(records[n_score:n_score + n_heldout])
+
+
+def _r(x: float) -> float:
+    """Six significant digits: KLs of a few 1e-4 nats keep their precision."""
+    return float(f"{x:.6g}")
+
+
+def evidence(state: State, record: dict, measurer: Measurer, budget, kappa, search: dict,
+             score: Sequence, heldout: Sequence) -> dict:  # fmt: skip
+    """What the plan's evidence holds: the composed plan's held-out KL (bootstrap interval over examples) and FLOPs
+    removed, each decision in order with its measurements, every decision alone, and the search's cost."""
+    ci = mean_interval(state.heldout)
+    alone = {a.decision.name: {"kl": _r(a.kl), "flops_removed": _r(a.saving)} for a in record["alone"]}
+    objective = {"budget": budget} if budget is not None else {"kappa": kappa}
+    name, value = next(iter(objective.items()))
+    return {
+        "method": f"skipit composed (measured KL), {name} {value}",
+        "objective": objective,
+        "kl": {"value": _r(ci.value), "low": _r(ci.low), "high": _r(ci.high), "level": ci.level,
+               "examples": "heldout", "unit": "nats, KL(untouched || plan) of the next token at the answer position"},
+        "kl_score": _r(state.kl),
+        "flops_removed": _r(state.saving),
+        "decisions": state.steps,
+        "alone": alone,
+        "path": record["path"],
+        "calibration": {"score": [r.id for r in score], "heldout": [r.id for r in heldout]},
+        "search": {**search, "plans_measured": dict(measurer.measured)},
+        "roles": state.plan.roles(),
+    }  # fmt: skip

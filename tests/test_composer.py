@@ -1,0 +1,186 @@
+"""The composed functional planner: the greedy rule on measurements whose answer is known, and on a tiny model the
+budget, kappa and held-out KL it reports, checked against an independent recomputation."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+from skipit.baselines import kl, last_logprobs
+from skipit.composer import Decision, Measurer, compose, compose_plan
+from skipit.data.jsonl import load_records
+from skipit.data.shapes import write_split
+from skipit.errors import SkipitError
+from skipit.flops import Shape, cost, prefill_saving, prompt_layout
+from skipit.plan import Plan
+from skipit.prompts import record_inputs
+
+L = 6
+SHAPE = Shape(num_layers=L, hidden=64, heads=4, kv_heads=2, head_dim=16, intermediate=128, vocab=100)
+PROMPT = prompt_layout(64, 32)
+EMPTY = Plan(architecture="Toy", num_layers=L, fingerprint="f" * 16)
+
+
+def synthetic(weights: dict[tuple[str, int], float], together: dict | None = None, n: int = 4) -> Measurer:
+    """A measurer whose KL is the sum of `weights[(role, layer)]` over what a plan removes (1.0 where unlisted),
+    plus `together[(role, layer), (role, layer)]` when a plan removes both; FLOPs from `skipit.flops`."""
+    together = together or {}
+    plain = cost(SHAPE, None, PROMPT).prefill
+
+    def removed(plan: Plan) -> set:
+        return {(role, j) for j, role in enumerate(plan.roles()) if role != "all"}
+
+    def kl_of(plan: Plan, split: str) -> list[float]:
+        units = removed(plan)
+        value = sum(weights.get(u, 1.0) for u in units)
+        value += sum(v for (a, b), v in together.items() if a in units and b in units)
+        return [value] * n
+
+    return Measurer(kl_of, lambda plan: 1 - cost(SHAPE, plan, PROMPT).prefill / plain)
+
+
+POOL = [Decision("freeze", 3), Decision("skip", 4), Decision("skip", 1), Decision("exit", 4)]
+CHEAP = {("frozen", 3): 1e-4, ("skip", 4): 2e-3, ("absent", 5): 4e-3}
+
+
+def test_greedy_adds_the_least_kl_per_flop_first():
+    measurer = synthetic(CHEAP)
+    state, record = compose(measurer, EMPTY, kappa=0.01, pool=POOL)
+    ranked = [a.decision for a in record["alone"]]
+    assert ranked[:2] == [Decision("freeze", 3), Decision("skip", 4)]  # 1e-4 / 1.7 % before 2e-3 / 14 % of FLOPs
+    assert state.decisions == (Decision("freeze", 3), Decision("skip", 4), Decision("exit", 4))
+    assert state.plan.frozen_vision_layers == (3,) and state.plan.skip_layers == (4,) and state.plan.early_exit == 4
+    assert state.heldout_kl == pytest.approx(1e-4 + 2e-3 + 4e-3)  # skip 1 (KL 1) would break kappa
+    assert [p["decisions"][-1] for p in record["path"]] == ["freeze 3", "skip 4", "exit 4", "skip 1"]
+
+
+def test_the_composed_measurement_decides_not_the_decision_alone():
+    # skip 4 is cheap alone but costs 0.05 next to the frozen layer 3: the exit goes in before it
+    measurer = synthetic(CHEAP, together={(("frozen", 3), ("skip", 4)): 0.05})
+    state, _ = compose(measurer, EMPTY, kappa=0.01, pool=POOL)
+    assert state.decisions == (Decision("freeze", 3), Decision("exit", 4))
+    assert state.steps[1]["added"]["kl"] == pytest.approx(4e-3)
+
+
+def test_budget_takes_the_first_plan_that_meets_it_and_kappa_the_most_under_it():
+    measurer = synthetic(CHEAP)
+    two = EMPTY.with_decisions(frozen_vision_layers=[3], skip_layers=[4])
+    state, _ = compose(measurer, EMPTY, budget=measurer.saving(two) - 1e-9, pool=POOL)
+    assert state.plan.skip_layers == (4,) and state.plan.frozen_vision_layers == (3,)
+    state, _ = compose(measurer, EMPTY, kappa=1e-5, pool=POOL)  # nothing fits: the empty plan
+    assert state.plan.is_empty and state.heldout_kl == 0
+    state, _ = compose(synthetic(CHEAP), EMPTY, budget=0.2, beam=2, pool=POOL)
+    assert state.saving >= 0.2
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"budget": 0.0}, "budget is a fraction of the prefill FLOPs to remove, in (0, 1)"),
+    ({"budget": 1.5}, "in (0, 1); got 1.5"),
+    ({"budget": 0.2, "kappa": 0.1}, "give one of budget (the FLOPs to remove) and kappa"),
+    ({"kappa": 0.0}, "kappa is the composed KL allowed, in nats, above 0"),
+    ({"kappa": 0.1, "beam": 0}, "beam must be at least 1"),
+    ({"budget": 0.6, "pool": [Decision("freeze", j) for j in range(L)]},
+     "no composed plan removes 60% of the prefill FLOPs; the search reached 57.1%"),
+])  # fmt: skip
+def test_empty_and_infeasible_objectives_are_clear_errors(kwargs, message):
+    kwargs.setdefault("pool", POOL)
+    with pytest.raises(SkipitError) as e:
+        compose(synthetic(CHEAP), EMPTY, **kwargs)
+    assert message in str(e.value)
+
+
+@pytest.fixture(scope="module")
+def calib(tmp_path_factory):
+    return load_records(write_split(tmp_path_factory.mktemp("shapes"), "calibration", n=8))
+
+
+def test_budget_is_met_on_the_calibration_prompts(tiny_llava, calib):
+    model, processor = tiny_llava
+    plan = compose_plan(model, processor, calib, budget=0.3, n_score=4, n_heldout=4)
+    ev = plan.evidence
+    assert ev["objective"] == {"budget": 0.3} and ev["flops_removed"] >= 0.3
+    assert prefill_saving(model, record_inputs(processor, calib), plan) == pytest.approx(ev["flops_removed"], rel=1e-5)
+    assert ev["decisions"][-1]["composed"]["flops_removed"] == ev["flops_removed"]
+    assert ev["predicted"]["flops_removed"] == pytest.approx(ev["flops_removed"], abs=1e-4)
+
+
+def test_kappa_heldout_kl_is_at_most_kappa_and_recomputes(tiny_llava, calib, tmp_path):
+    model, processor = tiny_llava
+    kappa = 2e-3
+    plan = compose_plan(model, processor, calib, kappa=kappa, n_score=4, n_heldout=4, shortlist=3)
+    ev = plan.evidence
+    assert not plan.is_empty and ev["decisions"]
+    assert ev["kl"]["value"] <= kappa and ev["kl"]["low"] <= ev["kl"]["value"] <= ev["kl"]["high"]
+    heldout = [r for r in calib if r.id in ev["calibration"]["heldout"]]
+    assert [r.id for r in heldout] == ev["calibration"]["heldout"] and len(heldout) == 4
+    full, mine = last_logprobs(model, processor, heldout), last_logprobs(model, processor, heldout, plan)
+    assert kl(full, mine) == pytest.approx(ev["kl"]["value"], rel=1e-3, abs=1e-8)
+    # each decision's record: alone, added and composed, in the order of the path
+    first = ev["decisions"][0]
+    assert first["alone"] == ev["alone"][first["name"]] and first["added"] == first["alone"]
+    assert [d["composed"] for d in ev["decisions"]] == [
+        {k: p[k] for k in ("kl_score", "kl_heldout", "flops_removed")} for p in ev["path"][:len(ev["decisions"])]
+    ]
+    # exit after every layer was measured alone: the functional early-exit condition
+    assert {f"exit {m}" for m in range(L - 1)} <= set(ev["alone"])
+    # the plan file round-trips with its evidence
+    loaded = Plan.load(plan.save(tmp_path / "plan.json"))
+    assert loaded.to_dict() == plan.to_dict() and loaded.evidence == json.loads(json.dumps(ev))
+
+
+def test_make_plan_composed_checks_what_it_is_given(tiny_llava, calib, make_run):
+    from skipit.planner import make_plan
+    from skipit.result import load
+
+    model, processor = tiny_llava
+    analysis = load(make_run(plan=False, sweep=False))  # an analysis of other weights
+    with pytest.raises(SkipitError, match="runs the model: give model, processor and calib"):
+        make_plan(analysis, composed=True)
+    with pytest.raises(SkipitError, match="it does not take functional"):
+        make_plan(analysis, composed=True, functional=True, model=model, processor=processor, calib=calib)
+    with pytest.raises(SkipitError, match="fingerprint differs"):
+        make_plan(analysis, composed=True, model=model, processor=processor, calib=calib)
+
+
+def cli(monkeypatch, capsys, *args) -> tuple[int, str, str]:
+    from skipit.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["skipit", *map(str, args)])
+    with pytest.raises(SystemExit) as exit_:
+        main()
+    captured = capsys.readouterr()
+    return exit_.value.code, captured.out, captured.err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--composed", "--budget", "0.2", "--kappa", "0.1"], "--composed takes one of --budget"),
+    (["--composed", "--functional"], "it does not take --functional"),
+    (["--composed", "--epsilon", "0.1"], "it does not take --epsilon"),
+    (["--composed", "--kappa", "0"], "--kappa is the held-out KL allowed, in nats, above 0; got 0"),
+    (["--composed", "--beam", "0"], "--beam must be at least 1, got 0"),
+    (["--model", "m"], "--model goes with --composed"),
+    (["--n-heldout", "4"], "--n-heldout goes with --composed"),
+])  # fmt: skip
+def test_cli_bad_combinations_are_one_line_errors(monkeypatch, capsys, tmp_path, args, message):
+    code, out, err = cli(monkeypatch, capsys, "plan", tmp_path / "nowhere", *args)
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert code == 2 and "Traceback" not in out + err and len(errors) == 1 and message in errors[0], err
+
+
+def test_cli_composed_plan(tiny_llava, tiny_llava_dir, tmp_path, monkeypatch, capsys):
+    from skipit.analysis import analyze
+    from skipit.stats import StatsConfig
+
+    model, processor = tiny_llava
+    data = write_split(tmp_path / "shapes", "calibration", n=6)
+    analyze(model, processor, load_records(data)[:2], batch_size=2, run_dir=tmp_path / "run",
+            stats_config=StatsConfig(n_bootstrap=5, sketch_size=16), model_path=str(tiny_llava_dir),
+            data_path=str(data))  # fmt: skip
+    code, out, err = cli(monkeypatch, capsys, "plan", tmp_path / "run", "--composed", "--budget", "0.2",
+                         "--n-score", 3, "--n-heldout", 3, "--shortlist", 2)  # fmt: skip
+    assert code == 0, err
+    plan = Plan.load(tmp_path / "run" / "plan.json")
+    assert plan.evidence["flops_removed"] >= 0.2 and plan.evidence["analysis"]["fingerprint"] == plan.fingerprint
+    assert "held-out KL" in out and "plan written to" in out
