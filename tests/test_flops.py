@@ -44,6 +44,34 @@ def test_plan_roles_by_hand():
     assert skipped.decode == [2 * (240 + 10 * 8) + 80] and skipped.kv_tokens == [5, 0, 5]
 
 
+def _pruned(**decisions) -> Plan:
+    return Plan("X", 3, "0" * 16, prune_vision_keep=0.5, **decisions)
+
+
+def test_pruning_rankings_by_hand():
+    """Choosing the kept tokens is counted with the pruning layer (layer 0 for DivPrune); its similarities are
+    token-pair products. Prompt: text, 4 vision, 2 text; half the vision tokens kept: 5 tokens, 15 causal pairs."""
+    prompt = [False, True, True, True, True, False, False]
+    kept = 2 * (5 * 120 + 15 * 8)  # a pruned layer
+    full = 2 * (7 * 120 + 28 * 8)  # a layer that sees every token
+    # FastV after layer 0: keys of the 7 tokens (4 x 2 each), the last query (4 x 4), its 7 scores (4 each)
+    fastv = cost(TINY, _pruned(prune_vision_after=0), prompt)
+    assert fastv.prefill_layers == [full + 2 * (7 * 8 + 16 + 7 * 4), kept, kept]
+    # DART after layer 0: keys of the 7 tokens; 2 vision pivots (min(4, kept)) and 2 text pivots (the text after the
+    # image) against the 4 vision tokens, 4 multiply-adds each
+    dart = cost(TINY, _pruned(prune_vision_after=0, prune_vision_rank="dart"), prompt)
+    assert dart.prefill_layers == [full + 2 * (7 * 8 + 4 * 4 * 4), kept, kept]
+    assert dart.prefill_scores == 2 * (28 + 2 * 15) * 8 + 2 * 4 * 4 * 4
+    # DivPrune before layer 0: the 4 x 4 similarities of the vision tokens, counted with layer 0, which is pruned
+    divprune = cost(TINY, _pruned(prune_vision_after=-1, prune_vision_rank="divprune"), prompt)
+    assert divprune.prefill_layers == [kept + 2 * 4 * 4 * 4, kept, kept]
+    assert divprune.prefill_scores == 3 * 2 * 15 * 8 + 2 * 4 * 4 * 4
+    assert divprune.kv_tokens == [5, 5, 5]
+    # a skipped layer 0 still chooses
+    skipped = cost(TINY, _pruned(prune_vision_after=-1, prune_vision_rank="divprune", skip_layers=[0]), prompt)
+    assert skipped.prefill_layers == [2 * 4 * 4 * 4, kept, kept] and skipped.kv_tokens == [0, 5, 5]
+
+
 def test_ideal_speedup():
     plan = ["frozen", "all", "absent"]
     ideal = ideal_speedup(TINY, plan, PROMPT, decode_steps=2)
@@ -91,7 +119,10 @@ def linear_flops(model, inputs) -> float:
 @pytest.mark.parametrize(
     "decisions",
     [{}, dict(late_entry=2), dict(late_entry=2, late_entry_mode="frozen"), dict(early_exit=1, skip_layers=[3]),
-     dict(prune_vision_after=1, prune_vision_keep=0.4, early_exit=4)],
+     dict(prune_vision_after=1, prune_vision_keep=0.4, early_exit=4),
+     dict(prune_vision_after=1, prune_vision_keep=0.4, prune_vision_rank="dart", skip_layers=[2]),
+     dict(prune_vision_after=-1, prune_vision_keep=0.4, prune_vision_rank="divprune"),
+     dict(prune_vision_after=-1, prune_vision_keep=0.4, prune_vision_rank="divprune", skip_layers=[0])],
 )
 def test_engine_does_the_counted_work(decisions):
     """Under a plan the backbone multiplies exactly what the cost model counts: no token a layer skips goes

@@ -40,6 +40,10 @@ def test_roles_follow_the_layer_indexing():
     p = plan(late_entry=1, prune_vision_after=2, early_exit=4, skip_layers=[3])
     assert p.roles() == ["absent", "all", "all", "skip", "pruned", "absent"]
     assert plan(prune_vision_after=5).is_empty  # pruning after the last layer changes nothing
+    assert plan(prune_vision_after=1, prune_vision_rank="dart").roles() == ["all"] * 2 + ["pruned"] * 4
+    # DivPrune chooses before layer 0: every layer sees only the kept vision tokens
+    p = plan(prune_vision_after=-1, prune_vision_rank="divprune", early_exit=3, skip_layers=[1])
+    assert p.roles() == ["pruned", "skip", "pruned", "pruned", "absent", "absent"]
 
 
 @pytest.mark.parametrize(
@@ -60,6 +64,15 @@ def test_roles_follow_the_layer_indexing():
         (dict(prune_vision_after=2, skip_layers=[2]), "prune_vision_after must be a layer that updates"),
         (dict(prune_vision_after=1, prune_vision_keep=1.0), "prune_vision_keep must be a fraction"),
         (dict(prune_vision_after=1, frozen_vision_layers=[3]), r"frozen_vision_layers \[3\] come after"),
+        (dict(prune_vision_after=1, prune_vision_rank="tome"), "prune_vision_rank must be one of attention, dart"),
+        (dict(prune_vision_rank="dart"), "prune_vision_rank 'dart' needs prune_vision_after"),
+        (dict(prune_vision_after=-1), r"prune_vision_after -1 \(before layer 0\) goes with .*'divprune'"),
+        (dict(prune_vision_after=-1, prune_vision_rank="dart"), "goes with prune_vision_rank 'divprune'"),
+        (dict(prune_vision_after=2, prune_vision_rank="divprune"), "goes with prune_vision_rank 'divprune'"),
+        (dict(prune_vision_after=-2, prune_vision_rank="attention"), "prune_vision_after must be a layer"),
+        (dict(prune_vision_after=-1, prune_vision_rank="divprune", late_entry=1), "needs late_entry 0"),
+        (dict(prune_vision_after=-1, prune_vision_rank="divprune", frozen_vision_layers=[2]), "come after"),
+        (dict(prune_vision_after=1.0), "prune_vision_after must be a layer index"),
     ],
 )
 def test_invalid_plans_say_what_to_fix(decisions, message):
@@ -111,13 +124,34 @@ def test_json_round_trip(tmp_path):
     loaded.check(model)
 
 
+def test_rankings_round_trip_as_version_2_and_version_1_files_still_load(tmp_path):
+    model = llama()
+    for decisions in (dict(prune_vision_after=2, prune_vision_keep=0.3, prune_vision_rank="dart"),
+                      dict(prune_vision_after=-1, prune_vision_keep=0.1, prune_vision_rank="divprune")):  # fmt: skip
+        p = Plan.for_model(model, **decisions)
+        data = json.loads(p.save(tmp_path / "plan.json").read_text())
+        assert data["version"] == 2 and data["prune_vision_rank"] == decisions["prune_vision_rank"]
+        assert Plan.load(tmp_path / "plan.json") == p
+    # a plan version 1 can say is written as version 1, without the new field, so older readers load it
+    fastv = Plan.for_model(model, prune_vision_after=1)
+    data = fastv.to_dict()
+    assert data["version"] == 1 and "prune_vision_rank" not in data
+    (tmp_path / "old.json").write_text(json.dumps(data))
+    loaded = Plan.load(tmp_path / "old.json")
+    assert loaded == fastv and loaded.prune_vision_rank == "attention"
+    (tmp_path / "odd.json").write_text(json.dumps(data | {"prune_vision_rank": "dart"}))
+    with pytest.raises(SkipitError, match="prune_vision_rank needs plan format version 2, the file says 1"):
+        Plan.load(tmp_path / "odd.json")
+
+
 @pytest.mark.parametrize(
     "content, message",
     [
         ("{not json", "not valid JSON"),
         ("[1, 2]", "does not hold a JSON object"),
         ('{"format": "something-else"}', "not a skipit plan"),
-        ('{"format": "skipit-plan", "version": 99}', "version 99 is not supported"),
+        ('{"format": "skipit-plan", "version": 99}', r"version 99 is not supported \(this skipit reads 1, 2\)"),
+        ('{"format": "skipit-plan", "version": true}', "version True is not supported"),
         ('{"format": "skipit-plan", "version": 1, "num_layers": 6}', "plan is missing"),
     ],
 )

@@ -26,6 +26,8 @@ def plan_dict(**fields) -> dict:
         ({"early_exit": "20"}, r"field 'early_exit'"),
         ({"late_entry_mode": "gone"}, r"field 'late_entry_mode'"),
         ({"prune_vision_keep": "0.5"}, r"field 'prune_vision_keep'"),
+        ({"version": 2, "prune_vision_rank": "fastv"}, r"field 'prune_vision_rank'"),
+        ({"version": 2, "prune_vision_after": 1, "prune_vision_rank": 2}, r"field 'prune_vision_rank'"),
         ({"num_layers": 32.0}, r"field 'num_layers'"),
         ({"evidence": []}, r"field 'evidence'"),
         ({"skip_layers": [40]}, r"skip_layers \[40\] out of range"),  # types fine, range checked by the plan
@@ -44,6 +46,19 @@ def test_ints_stay_ints_and_a_whole_float_share_is_accepted(tmp_path):
     path.write_text(json.dumps(plan_dict(skip_layers=[20, 13, 13], prune_vision_after=3, prune_vision_keep=0.25)))
     plan = Plan.load(path)
     assert plan.skip_layers == (13, 20) and plan.prune_vision_keep == 0.25
+
+
+def test_a_version_1_file_from_before_rankings_loads(tmp_path):
+    """Exactly what an older skipit wrote for a FastV-style plan: no prune_vision_rank field."""
+    path = tmp_path / "plan.json"
+    old = {"format": "skipit-plan", "version": 1, "architecture": "LlamaForCausalLM", "num_layers": 32,
+           "fingerprint": "0" * 16, "late_entry": 0, "late_entry_mode": "absent", "early_exit": None,
+           "skip_layers": [], "frozen_vision_layers": [], "prune_vision_after": 1, "prune_vision_keep": 0.5,
+           "evidence": {}}  # fmt: skip
+    path.write_text(json.dumps(old))
+    plan = Plan.load(path)
+    assert plan.prune_vision_rank == "attention" and plan.prune_vision_after == 1
+    assert plan.to_dict() == old  # and it is written back the same
 
 
 def test_python_construction_does_not_coerce_either():

@@ -12,9 +12,12 @@ from skipit.evaluation import TASKS, get_task, sweep
 
 
 def test_baseline_registry():
-    assert baselines.METHODS == baselines.available() == ("vtw", "shortv", "fastv", "shortgpt", "gromov", "random")
+    assert baselines.METHODS == baselines.available() == (
+        "vtw", "shortv", "fastv", "dart", "divprune", "shortgpt", "gromov", "random")  # fmt: skip
     assert baselines.get_baseline("vtw").name == "vtw" and baselines.get_baseline("vtw").reference
-    with pytest.raises(SkipitError, match="unknown baseline 'medusa'; available: vtw, shortv, fastv, shortgpt"):
+    assert "arXiv:2502.11494" in baselines.get_baseline("dart").reference
+    assert "github.com/vbdi/divprune" in baselines.get_baseline("divprune").reference
+    with pytest.raises(SkipitError, match="unknown baseline 'medusa'; available: vtw, shortv, fastv, dart, divprune"):
         baselines.get_baseline("medusa")
     with pytest.raises(SkipitError, match="unknown baseline 'medusa'"):
         baselines.baseline_plan("medusa", None, None, [], {}, 0.1)
@@ -33,6 +36,25 @@ def test_a_new_baseline_is_one_registered_function(tiny_llava, monkeypatch):
     assert list(plan.skip_layers) == [5]
     with pytest.raises(ValueError, match="registered already"):
         baselines.register("vtw")(_last)
+
+
+@pytest.mark.parametrize(("method", "after", "rank"), [("fastv", 1, "attention"), ("dart", 1, "dart"),
+                                                       ("divprune", -1, "divprune")])  # fmt: skip
+def test_pruning_baselines_keep_the_largest_share_that_meets_the_budget(method, after, rank):
+    from test_skipping import build, make_inputs
+
+    model = build("llava")
+    encoded = make_inputs("llava", 2)  # 9 vision tokens of about 15 per row
+    budget = 0.2
+    plan = baselines.baseline_plan(method, model, None, [], encoded, budget)
+    assert (plan.prune_vision_after, plan.prune_vision_rank) == (after, rank)
+    assert not plan.skip_layers and plan.early_exit is None and plan.late_entry == 0
+    assert baselines.saving(model, encoded, plan) >= budget
+    more = plan.with_decisions(prune_vision_after=after, prune_vision_rank=rank,
+                               prune_vision_keep=plan.prune_vision_keep + 0.01)  # fmt: skip
+    assert baselines.saving(model, encoded, more) < budget
+    with pytest.raises(SkipitError, match=f"{method} cannot remove 90% of the FLOPs"):
+        baselines.baseline_plan(method, model, None, [], encoded, 0.9)
 
 
 def test_task_registry():

@@ -19,6 +19,7 @@ from transformers import (
     AyaVisionForConditionalGeneration,
     CLIPVisionConfig,
     Cohere2Config,
+    DynamicCache,
     Idefics3Config,
     Idefics3ForConditionalGeneration,
     InternVLConfig,
@@ -286,6 +287,53 @@ def last_token_attention(layer, x, pe, rows) -> torch.Tensor:
     return weights[0, :, -1].mean(0)
 
 
+def layer_keys(layer, x, pe) -> torch.Tensor:
+    """The keys (kv heads, n, head_dim) that `layer` caches for the tokens x (n, D): its own attention, run with a
+    fresh cache."""
+    cache, attention = DynamicCache(), layer.self_attn
+    attention(hidden_states=layer.input_layernorm(x)[None], attention_mask=None,
+              position_embeddings=tuple(t[None] for t in pe), **{compat.CACHE_KWARG: cache})  # fmt: skip
+    return cache.layers[attention.layer_idx].keys[0]
+
+
+def reference_dart(states, key_norms, vision, share: float) -> torch.Tensor:
+    """DART's choice for one sequence, written after its `get_retained_image_token`: pivots by key L1 norm (4 vision
+    tokens, kept; 4 text tokens after the image), then each pivot takes its quota of the least cosine-similar vision
+    tokens not taken yet; the quotas split the row's count (see `skipit.skipping.rankers.dart_keep`)."""
+    tokens = torch.nonzero(vision)[:, 0].tolist()
+    count = math.ceil(len(tokens) * share)
+    text = list(range(tokens[-1] + 1, len(vision)))
+    image_pivots = sorted(tokens, key=lambda i: -float(key_norms[i]))[: min(4, count)]
+    pivots = image_pivots + sorted(text, key=lambda i: -float(key_norms[i]))[:4]
+    rest = count - len(image_pivots)
+    kept, valid = set(image_pivots), [i for i in tokens if i not in image_pivots]
+    for k, item in enumerate(pivots):
+        quota = rest // len(pivots) + (k < rest % len(pivots))
+        cos = torch.nn.functional.cosine_similarity(states[item][None], states[valid], dim=-1)
+        chosen = [valid[t] for t in sorted(range(len(valid)), key=lambda t: float(cos[t]))[:quota]]
+        kept.update(chosen)
+        valid = [i for i in valid if i not in chosen]
+    return torch.tensor(sorted(kept))
+
+
+def reference_divprune(x0, vision, share: float) -> torch.Tensor:
+    """DivPrune's choice for one sequence, as its `DivPrune` function: greedy max-min on 1 - cos of the vision
+    tokens' input embeddings, starting from the token farthest from its nearest neighbour."""
+    tokens = torch.nonzero(vision)[:, 0]
+    count = math.ceil(len(tokens) * share)
+    feats = x0[tokens]
+    unit = feats / feats.norm(dim=1, keepdim=True)
+    distance = 1.0 - unit @ unit.t()
+    chosen: list[int] = []
+    for i in range(count):
+        if i == 0:
+            scores = torch.topk(distance, 2, dim=0, largest=False).values[1] if len(tokens) > 1 else distance[0]
+        else:
+            scores = distance[chosen].min(dim=0).values
+        chosen.append(int(scores.argmax()))
+    return tokens[chosen]
+
+
 def reference_logits(model, plan: Plan, x0, pe, vision, kept=None, inject=None):
     """Logits of one sequence (its real tokens only) under `plan`, computed layer by layer from scratch, and the
     vision tokens pruning kept (pass them back in to continue a generation: they are chosen on the prompt).
@@ -295,12 +343,20 @@ def reference_logits(model, plan: Plan, x0, pe, vision, kept=None, inject=None):
     adapter = get_adapter(model)
     x, n = x0.clone(), x0.shape[0]
     everyone, text = torch.arange(n), torch.nonzero(~vision)[:, 0]
+    p, rank = plan.prune_vision_after, plan.prune_vision_rank
+    choose = kept is None and vision.any() and "pruned" in plan.roles()
     for j, (layer, role) in enumerate(zip(adapter.layers, plan.roles(), strict=True)):
-        if j == plan.prune_vision_after and kept is None and vision.any():  # FastV: rank by the last token
+        if choose and rank == "attention" and j == p:  # FastV: rank by the last token
             scores = last_token_attention(layer, x, pe, everyone)
             tokens = torch.nonzero(vision)[:, 0]
             count = math.ceil(len(tokens) * plan.prune_vision_keep)
             kept = tokens[scores[tokens].argsort(descending=True)[:count]]
+        if choose and rank == "dart" and j == p:  # DART's pivots: L1 norm of this layer's keys, all heads
+            key_norms = layer_keys(layer, x, pe).abs().sum((0, 2))
+        if choose and rank == "dart" and j == p + 1:  # X_{p+1}, what this layer reads, through the final norm
+            kept = reference_dart(adapter.final_norm(x), key_norms, vision, plan.prune_vision_keep)
+        if choose and rank == "divprune" and j == 0:
+            kept = reference_divprune(x, vision, plan.prune_vision_keep)
         if role == "all":
             x[everyone] = run_layer(layer, x, pe, everyone)
         elif role == "absent":  # vision tokens are not in this layer's sequence at all

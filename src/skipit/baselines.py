@@ -14,6 +14,10 @@ least `budget` of the prefill FLOPs of the benchmark's prompts (so every method 
   token are closest in angular distance.
 - FastV (Chen et al., 2024): after layer K = 2 (skipit's layer 1) keep only the vision tokens the last token attends
   to most. At a budget, the share kept is the largest that meets it (FastV's own setting keeps 50 %).
+- DART (Wen et al., 2025): after layer K = 2 (skipit's layer 1) keep the vision tokens least duplicated, by cosine
+  similarity, w.r.t. a few pivot tokens of largest key norm. At a budget, the largest share kept that meets it.
+- DivPrune (Alvar et al., 2025): before the language model, keep a max-min diverse subset of the vision tokens'
+  input embeddings. At a budget, the largest share kept that meets it.
 - random: remove random layers.
 
 Every method is registered under its name (`BASELINES`, `get_baseline`): a function that takes one
@@ -44,6 +48,8 @@ from skipit.result import AnalysisResult, as_result
 from skipit.skipping import apply_plan, remove_plan
 
 FASTV_LAYER = 1  # FastV's K = 2: layers 0 and 1 see every vision token
+DART_LAYER = 1  # DART's K = 2 as well
+DIVPRUNE_LAYER = -1  # DivPrune chooses before layer 0
 
 saving = prefill_saving  # the fraction of the prefill FLOPs of a batch that a plan removes
 
@@ -219,18 +225,37 @@ def _shortv(ctx: BaselineContext) -> Plan:
     return ctx.greedy(order, lambda js: ctx.empty.with_decisions(frozen_vision_layers=js))
 
 
-@register("fastv", "Chen et al. (2024): after layer 2 keep the vision tokens the last token attends to most")
-def _fastv(ctx: BaselineContext) -> Plan:
-    def fastv(keep: float) -> Plan:
-        return ctx.empty.with_decisions(prune_vision_after=FASTV_LAYER, prune_vision_keep=keep)
-
-    lo, hi = 1e-3, 1 - 1e-3  # saving falls as the share kept grows: find the largest share that meets the budget
-    if not ctx.meets(fastv(lo)):
-        raise ctx.cannot("fastv")
+def largest_share(ctx: BaselineContext, name: str, make: Callable[[float], Plan]) -> Plan:
+    """The plan `make(share)` keeping the largest share of vision tokens that still meets the budget."""
+    lo, hi = 1e-3, 1 - 1e-3  # saving falls as the share kept grows
+    if not ctx.meets(make(lo)):
+        raise ctx.cannot(name)
     for _ in range(20):
         mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if ctx.meets(fastv(mid)) else (lo, mid)
-    return fastv(lo)
+        lo, hi = (mid, hi) if ctx.meets(make(mid)) else (lo, mid)
+    return make(lo)
+
+
+@register("fastv", "Chen et al. (2024): after layer 2 keep the vision tokens the last token attends to most")
+def _fastv(ctx: BaselineContext) -> Plan:
+    return largest_share(ctx, "fastv", lambda keep: ctx.empty.with_decisions(
+        prune_vision_after=FASTV_LAYER, prune_vision_keep=keep))  # fmt: skip
+
+
+@register("dart", "Wen et al. (2025), 'Stop Looking for Important Tokens in Multimodal Language Models: Duplication "
+                  "Matters More', arXiv:2502.11494, github.com/ZichenWen1/DART: after layer 2 keep the vision tokens "
+                  "least duplicated (lowest cosine similarity) w.r.t. 8 pivot tokens of largest key L1 norm")
+def _dart(ctx: BaselineContext) -> Plan:
+    return largest_share(ctx, "dart", lambda keep: ctx.empty.with_decisions(
+        prune_vision_after=DART_LAYER, prune_vision_keep=keep, prune_vision_rank="dart"))  # fmt: skip
+
+
+@register("divprune", "Alvar et al. (CVPR 2025), 'DivPrune: Diversity-based Visual Token Pruning for Large "
+                      "Multimodal Models', arXiv:2503.02175, github.com/vbdi/divprune: before the language model keep "
+                      "a max-min diverse subset of the vision tokens (greedy, cosine distance of their embeddings)")
+def _divprune(ctx: BaselineContext) -> Plan:
+    return largest_share(ctx, "divprune", lambda keep: ctx.empty.with_decisions(
+        prune_vision_after=DIVPRUNE_LAYER, prune_vision_keep=keep, prune_vision_rank="divprune"))  # fmt: skip
 
 
 @register("shortgpt", "Men et al. (2024): remove the layers with the lowest Block Influence")

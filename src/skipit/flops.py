@@ -11,8 +11,12 @@ Norms, rotary, softmax and activations (a few per element, not per weight) are l
 encoder, which a skip plan does not touch. Per layer role (see `skipit.plan`): `all` processes every token;
 `absent` only text tokens, which see only text keys; `frozen` text tokens fully, and vision tokens through the
 k and v projections only (they are keys/values, not updated); `pruned` the text tokens and the vision tokens that
-pruning keeps (`prune_vision_keep` of them, rounded up), and the pruning layer also ranks the vision tokens (keys
-of every token, the last token's query and scores); `skip` nothing.
+pruning keeps (`prune_vision_keep` of them, rounded up); `skip` nothing. Choosing the kept tokens is counted with
+the pruning layer (layer 0 for DivPrune, which chooses before it), as the engine computes it: FastV's attention
+ranking (keys of every token, the last token's query, its scores on the keys), DART's (keys of every token for the
+pivots' norms, cosine similarity of each pivot with each vision token) and DivPrune's (cosine similarity of every
+pair of vision tokens; its greedy max-min choice is comparisons, not multiply-adds). Similarities count with the
+attention scores in `prefill_scores` (token-pair products, not weight matrices).
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from skipit.plan import ABSENT, ALL, FROZEN, PRUNED, SKIP, Plan
+from skipit.plan import ABSENT, ALL, DART_IMAGE_PIVOTS, DART_TEXT_PIVOTS, FROZEN, PRUNED, SKIP, Plan
 
 
 @dataclass(frozen=True)
@@ -78,7 +82,7 @@ class Cost:
     prefill: float  # FLOPs, LM head included for `logits` tokens
     decode: list[float]  # FLOPs of each decode step, LM head included
     prefill_layers: list[float]  # FLOPs of each layer in the prefill
-    prefill_scores: float  # the part of `prefill` spent on attention scores and weighted sums
+    prefill_scores: float  # the part of `prefill` spent on token pairs: attention scores, weighted sums, similarities
     kv_tokens: list[int]  # per layer: tokens in its cache after the prefill and the decode steps
     kv_bytes: int  # sum over layers: keys + values
 
@@ -129,20 +133,22 @@ def cost(
     keys = {ALL: n, ABSENT: n_text, PRUNED: n_pruned, FROZEN: n, SKIP: 0}
     queries = {ALL: n, ABSENT: n_text, PRUNED: n_pruned, FROZEN: n_text}
     kv_macs = shape.hidden * shape.kv_width * 2
+    ranking, ranking_pairs = _ranking_macs(shape, plan, vision) if PRUNED in roles and n_vision else (0, 0)
+    ranked_at = max(plan.prune_vision_after, 0) if ranking else None
     layers, scores = [], 0.0
     for j, role in enumerate(roles):
-        if role == SKIP:
+        if role == SKIP and j != ranked_at:
             layers.append(0.0)
             continue
-        scores += 2.0 * pairs[role] * shape.pair_macs
-        macs = queries[role] * shape.token_macs + pairs[role] * shape.pair_macs
+        macs = 0.0
+        if role != SKIP:
+            scores += 2.0 * pairs[role] * shape.pair_macs
+            macs = queries[role] * shape.token_macs + pairs[role] * shape.pair_macs
         if role == FROZEN:
             macs += n_vision * kv_macs
-        if isinstance(plan, Plan) and j == plan.prune_vision_after and PRUNED in roles and n_vision:
-            # ranking the vision tokens: keys of every token, the last token's query, its scores on the keys
-            macs += n * shape.hidden * shape.kv_width + shape.hidden * shape.heads * shape.head_dim
-            macs += n * shape.pair_macs // 2
-            scores += n * shape.pair_macs
+        if j == ranked_at:
+            macs += ranking
+            scores += 2.0 * ranking_pairs
         layers.append(2.0 * macs)
     head = 2.0 * shape.hidden * shape.vocab
     decode = []
@@ -153,6 +159,23 @@ def cost(
     kv_tokens = [keys[r] + decode_steps if r != SKIP else 0 for r in roles]
     kv_bytes = 2 * sum(kv_tokens) * shape.kv_width * bytes_per_value
     return Cost(sum(layers) + logits * head, decode, layers, scores, kv_tokens, kv_bytes)
+
+
+def _ranking_macs(shape: Shape, plan: Plan, vision: list[bool]) -> tuple[int, int]:
+    """Multiply-adds of choosing the vision tokens pruning keeps in a prompt, and the part of them on token pairs."""
+    n, n_vision = len(vision), sum(vision)
+    rank = plan.prune_vision_rank
+    if rank == "attention":  # keys of every token, the last token's query, its scores on the keys
+        pairs = n * shape.pair_macs // 2
+        return n * shape.hidden * shape.kv_width + shape.hidden * shape.heads * shape.head_dim + pairs, pairs
+    if rank == "dart":  # keys of every token; each pivot's similarity to each vision token
+        last = max(i for i, v in enumerate(vision) if v)
+        text_after = sum(not v for v in vision[last + 1 :])
+        pivots = min(DART_IMAGE_PIVOTS, plan.vision_kept(n_vision)) + min(DART_TEXT_PIVOTS, text_after)
+        pairs = pivots * n_vision * shape.hidden
+        return n * shape.hidden * shape.kv_width + pairs, pairs
+    pairs = n_vision * n_vision * shape.hidden  # DivPrune: every pair of vision tokens
+    return pairs, pairs
 
 
 def batch_costs(model: nn.Module, encoded: dict, plan: Plan | None, new_tokens: int) -> dict[str, float]:

@@ -14,12 +14,19 @@ they run; X_0 is the input embedding (vision features included) and layer j maps
 - ``skip_layers``: layers not run at all, for any token.
 - ``frozen_vision_layers``: layers inside k..m that do not update vision tokens, which stay there as keys/values
   (ShortV-style; the same as ``frozen`` late entry, for any layer).
-- ``prune_vision_after = p`` (FastV-style, with ``prune_vision_keep = f``): in each prompt, only the fraction f of the
-  vision tokens (rounded up) that the prompt's last token attends to most in layer p (mean over heads) goes on to
-  layers p+1..m; the others leave the sequence after layer p, as in an early exit. The choice is made once, in the
-  forward call that carries the image, and holds for the whole generation. FastV's "K = 2, R = 50 %" is
-  p = 1, f = 0.5.
+- ``prune_vision_after = p`` (with ``prune_vision_keep = f``): in each prompt, only the fraction f of the vision
+  tokens (rounded up) goes on to layers p+1..m; the others leave the sequence after layer p, as in an early exit.
+  ``prune_vision_rank`` says how they are chosen:
+  ``attention`` (FastV): the ones the prompt's last token attends to most in layer p (mean over heads);
+  ``dart`` (DART): the ones least duplicated, by cosine similarity of X_{p+1} after the final norm, w.r.t. pivot
+  tokens (the vision and the following text tokens whose layer-p keys have the largest L1 norm);
+  ``divprune`` (DivPrune), only with p = -1: a max-min diverse subset of the input embeddings X_0 (greedy
+  farthest point on cosine distance); the others never enter layer 0.
+  The choice is made once, in the forward call that carries the image, and holds for the whole generation.
+  FastV's "K = 2, R = 50 %" is p = 1, f = 0.5; DART's K = 2 is p = 1 too.
 So vision tokens are processed by layers k..m (minus skipped and frozen ones); a plan needs 0 <= k <= m <= L-1.
+Plan files are format version 2 when they use what version 1 could not say (a ranking other than attention);
+version 1 files still load.
 
 A plan records the model it was made for (class name, layer count and a weights fingerprint); applying it to any
 other model is an error. It is saved as JSON.
@@ -41,8 +48,12 @@ from torch import nn
 from skipit.errors import SkipitError
 
 FORMAT = "skipit-plan"
-VERSION = 1
+VERSION = 2  # written when the plan needs it (`Plan.to_dict`); older versions are read too
+READS = (1, 2)
 MODES = ("absent", "frozen")
+RANKS = ("attention", "dart", "divprune")  # how pruning chooses the vision tokens it keeps
+BEFORE_LAYERS = -1  # prune_vision_after for a choice made from the input embeddings X_0 (DivPrune)
+DART_IMAGE_PIVOTS, DART_TEXT_PIVOTS = 4, 4  # DART's pivots (its defaults): vision tokens, then text tokens after them
 # What a layer does with vision tokens under a plan (text tokens go through every layer that is not skipped).
 # PRUNED: only the vision tokens kept by `prune_vision_after` are processed (and cached) with the text.
 ALL, ABSENT, FROZEN, SKIP, PRUNED = "all", "absent", "frozen", "skip", "pruned"
@@ -78,6 +89,7 @@ class Plan:
     frozen_vision_layers: tuple[int, ...] = ()
     prune_vision_after: int | None = None  # p
     prune_vision_keep: float = 0.5  # f
+    prune_vision_rank: str = "attention"
     evidence: dict = field(default_factory=dict)  # free-form: the measures and predicted saving behind the plan
 
     def __post_init__(self):
@@ -112,14 +124,29 @@ class Plan:
         p, f = self.prune_vision_after, self.prune_vision_keep
         if isinstance(f, bool) or not isinstance(f, int | float) or not 0 < f < 1:
             raise SkipitError(f"prune_vision_keep must be a fraction strictly between 0 and 1, got {f!r}")
-        if p is not None:
-            if not _is_int(p) or not k <= p <= last or p in self.skip_layers or p in self.frozen_vision_layers:
-                raise SkipitError(
-                    f"prune_vision_after must be a layer that updates vision tokens ({k}..{last}, not skipped or "
-                    f"frozen): its attention ranks them; got {p!r}"
-                )
-            if bad := [j for j in self.frozen_vision_layers if j > p]:
-                raise SkipitError(f"frozen_vision_layers {bad} come after prune_vision_after ({p}): not supported")
+        rank = self.prune_vision_rank
+        if rank not in RANKS:
+            raise SkipitError(f"prune_vision_rank must be one of {', '.join(RANKS)}, got {rank!r}")
+        if p is None and rank != "attention":
+            raise SkipitError(f"prune_vision_rank {rank!r} needs prune_vision_after (where the choice is made)")
+        if p is not None and not _is_int(p):
+            raise SkipitError(f"prune_vision_after must be a layer index (an integer) or null, got {p!r}")
+        if p is not None and (rank == "divprune") != (p == BEFORE_LAYERS):
+            raise SkipitError(
+                f"prune_vision_after {BEFORE_LAYERS} (before layer 0) goes with prune_vision_rank 'divprune', which "
+                f"ranks the input embeddings, and only with it; got prune_vision_after={p!r} with {rank!r}"
+            )
+        if p == BEFORE_LAYERS and k != 0:
+            raise SkipitError(f"prune_vision_after {BEFORE_LAYERS} (before layer 0) needs late_entry 0, got {k!r}")
+        if p not in (None, BEFORE_LAYERS) and (
+            not k <= p <= last or p in self.skip_layers or p in self.frozen_vision_layers
+        ):
+            raise SkipitError(
+                f"prune_vision_after must be a layer that updates vision tokens ({k}..{last}, not skipped or "
+                f"frozen): the ranking reads it; got {p!r}"
+            )
+        if p is not None and (bad := [j for j in self.frozen_vision_layers if j > p]):
+            raise SkipitError(f"frozen_vision_layers {bad} come after prune_vision_after ({p}): not supported")
 
     @classmethod
     def for_model(cls, model: nn.Module, **decisions) -> Plan:
@@ -174,10 +201,15 @@ class Plan:
             raise SkipitError("plan was made for other weights (fingerprint differs): make a plan for this checkpoint")
 
     def to_dict(self) -> dict:
-        return {
+        """The plan file's JSON object: version 1 (readable by older skipit) unless the plan needs version 2."""
+        out = {
             "format": FORMAT, "version": VERSION, **asdict(self),
             "skip_layers": list(self.skip_layers), "frozen_vision_layers": list(self.frozen_vision_layers),
         }  # fmt: skip
+        if self.prune_vision_rank == "attention":  # what version 1 says, without the field version 1 lacks
+            out["version"] = 1
+            del out["prune_vision_rank"]
+        return out
 
     @classmethod
     def from_dict(cls, data: dict, source: str = "plan") -> Plan:
@@ -185,10 +217,13 @@ class Plan:
         then for the relations between fields; errors name `source` and the field."""
         if data.get("format") != FORMAT:
             raise SkipitError(f'{source} is not a skipit plan (expected "format": "{FORMAT}")')
-        if (version := data.get("version")) != VERSION:
+        if (version := data.get("version")) not in READS or isinstance(version, bool):
             raise SkipitError(
-                f"{source}: plan format version {version!r} is not supported (this skipit reads {VERSION})"
+                f"{source}: plan format version {version!r} is not supported "
+                f"(this skipit reads {', '.join(map(str, READS))})"
             )
+        if version == 1 and "prune_vision_rank" in data:
+            raise SkipitError(f"{source}: prune_vision_rank needs plan format version 2, the file says 1")
         try:
             checked = PlanFile.model_validate(data)
         except ValidationError as e:
@@ -236,7 +271,7 @@ class PlanFile(BaseModel):
 
     model_config = ConfigDict(strict=True, extra="forbid")
     format: Literal["skipit-plan"]
-    version: Literal[1]
+    version: Literal[1, 2]
     architecture: str
     num_layers: int
     fingerprint: str
@@ -247,4 +282,5 @@ class PlanFile(BaseModel):
     frozen_vision_layers: list[int] = []
     prune_vision_after: int | None = None
     prune_vision_keep: float = 0.5
+    prune_vision_rank: Literal["attention", "dart", "divprune"] = "attention"
     evidence: dict = {}

@@ -9,7 +9,7 @@ from torch import nn
 
 from skipit import compat
 from skipit.errors import SkipitError
-from skipit.plan import FROZEN, SKIP
+from skipit.plan import FROZEN, PRUNED, SKIP, Plan
 from skipit.skipping.state import gather_tokens
 
 if TYPE_CHECKING:
@@ -26,7 +26,7 @@ class SkipLayer(nn.Module):
     """
 
     def __init__(self, base_layer: nn.Module, role: str, runtime: PlanRuntime, last: bool = False,
-                 prunes: bool = False):  # fmt: skip
+                 ranks: str | None = None):  # fmt: skip
         super().__init__()
         self.base_layer = base_layer
         self.role = role
@@ -34,7 +34,9 @@ class SkipLayer(nn.Module):
         # the backbone's last layer hands the full sequence to the final norm; so does a layer whose output the
         # model edits before the next layer (Qwen3-VL's deepstack injection, `Adapter.injected_after`)
         self.last = last
-        self.prunes = prunes  # this layer's attention ranks the vision tokens that later layers keep
+        # this layer's part in choosing the vision tokens pruning keeps, on its input (see `ranks_at`): "attention"
+        # (its attention ranks them), "keys" (it notes its keys' norms) or "states" (its input ranks them)
+        self.ranks = ranks
 
     def __getattr__(self, name):
         try:
@@ -45,14 +47,14 @@ class SkipLayer(nn.Module):
             return getattr(self.base_layer, name)
 
     def extra_repr(self) -> str:
-        return f"role={self.role!r}"
+        return f"role={self.role!r}" + (f", ranks={self.ranks!r}" if self.ranks else "")
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self.runtime.passthrough:  # an empty plan changes nothing: no bookkeeping at all
             return self.base_layer(hidden_states, *args, **kwargs)
         if args:
             raise SkipitError("skipit expects decoder layers to be called with keyword arguments (transformers 5)")
-        if self.role == SKIP:
+        if self.role == SKIP and self.ranks is None:
             step = self.runtime.current
             return step.expand(hidden_states) if self.last and step is not None else hidden_states
         pe = kwargs.get("position_embeddings")
@@ -70,9 +72,16 @@ class SkipLayer(nn.Module):
         kwargs[cache_name] = cache
         kwargs["position_ids"] = None  # only flash attention reads them, and plans do not run with it
         adapter = self.runtime.adapter
-        if self.prunes:
+        if self.ranks is not None:
             hidden_states = step.expand(hidden_states)
-            step.rank_vision(self.base_layer, hidden_states, kwargs["position_embeddings"])
+            if self.ranks == "attention":
+                step.rank_vision(self.base_layer, hidden_states, kwargs["position_embeddings"])
+            elif self.ranks == "keys":
+                step.note_keys(self.base_layer, hidden_states, kwargs["position_embeddings"])
+            else:
+                step.rank_states(hidden_states)
+        if self.role == SKIP:
+            return hidden_states
         for run in step.runs(self.role):
             if run.size == 0:
                 continue
@@ -90,3 +99,20 @@ class SkipLayer(nn.Module):
                     out = torch.where(run.keep[..., None], out, sub)
                 hidden_states = step.compact(out, run.take)
         return step.expand(hidden_states) if self.last else hidden_states
+
+
+def ranks_at(plan: Plan, j: int) -> str | None:
+    """Layer j's part in choosing the vision tokens that pruning keeps, done on the layer's input, or None.
+
+    FastV's attention ranking is layer p's (`prune_vision_after`); DART notes layer p's keys, then ranks at the input
+    of layer p+1 (X_{p+1}, what layer p+1 reads); DivPrune (p = -1) ranks at the input of layer 0 (X_0). Layer p+1
+    ranks even when it is skipped. Nothing ranks when no layer keeps only the chosen tokens.
+    """
+    p, rank = plan.prune_vision_after, plan.prune_vision_rank
+    if p is None or PRUNED not in plan.roles():
+        return None
+    if rank == "attention":
+        return "attention" if j == p else None
+    if rank == "dart" and j == p:
+        return "keys"
+    return "states" if j == p + 1 else None

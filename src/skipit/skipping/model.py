@@ -13,8 +13,8 @@ from transformers import DynamicCache
 from skipit import compat
 from skipit.adapters import Adapter, family_refusal, get_adapter
 from skipit.errors import SkipitError
-from skipit.plan import ALL, SKIP, Plan
-from skipit.skipping.layer import SkipLayer
+from skipit.plan import SKIP, Plan
+from skipit.skipping.layer import SkipLayer, ranks_at
 from skipit.skipping.state import CacheState, ForwardCall, ForwardStep
 
 _ATTR = "_skipit_runtime"
@@ -130,8 +130,7 @@ def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
     for j, role in enumerate(plan.roles()):
         # a layer whose output the model edits before the next layer (an injection) hands on the whole sequence
         whole = j == len(layers) - 1 or j in adapter.injected_after
-        layers[j] = SkipLayer(layers[j], role, runtime, last=whole,
-                              prunes=j == plan.prune_vision_after and role == ALL)
+        layers[j] = SkipLayer(layers[j], role, runtime, last=whole, ranks=ranks_at(plan, j))
     runtime.hooks = [
         model.register_forward_pre_hook(runtime.before_forward, with_kwargs=True),
         model.register_forward_hook(runtime.after_forward, always_call=True),
@@ -149,7 +148,8 @@ def _check_supported(model: nn.Module, adapter: Adapter, plan: Plan) -> None:
         raise SkipitError(
             f"{name} has sliding-window attention layers, which skip plans do not support (their cache drops old keys)"
         )
-    if plan.prune_vision_after is not None:  # FastV ranks vision tokens by weights computed beside the layer
+    if plan.prune_vision_after is not None and plan.prune_vision_rank in ("attention", "dart"):
+        # FastV's weights and DART's keys are computed beside the layer, from its own projections
         adapter.check_ranking(adapter.layers[plan.prune_vision_after])
     generation = getattr(model, "generation_config", None)
     if getattr(generation, "cache_implementation", None) not in (None, "dynamic"):

@@ -11,6 +11,7 @@ from transformers import DynamicCache
 from skipit.adapters import Adapter
 from skipit.errors import SkipitError
 from skipit.plan import ABSENT, ALL, FROZEN, PRUNED, Plan
+from skipit.skipping.rankers import dart_keep, divprune_keep, key_l1_norms
 from skipit.tokens import answer_index
 
 
@@ -105,6 +106,7 @@ class ForwardStep:
         self._runs, self._selections = {}, {}
         self._scratch = None
         self.kept = None  # (batch, seq) vision tokens kept by pruning, once the pruning layer has ranked them
+        self.key_norms = None  # (batch, seq) DART's pivot criterion, noted at the pruning layer
         # Layers that process the same subset in a row pass it on compacted: gathered once, scattered back once
         # (at the first layer that needs other tokens, or at the last layer).
         self._full = None  # the whole sequence as it was when the subset was taken (rows outside it stay current)
@@ -155,6 +157,24 @@ class ForwardStep:
         # rank of each token by weight (stable: ties keep sequence order); non-vision tokens rank last
         rank = weights.argsort(dim=1, descending=True, stable=True).argsort(dim=1)
         self.kept = self.vision & (rank < counts[:, None])
+
+    def note_keys(self, layer: nn.Module, hidden: torch.Tensor, position_embeddings) -> None:
+        """DART, at the pruning layer: the L1 norm of each token's keys in `layer`, whose input is `hidden`."""
+        if self.vision is None or self.kept is not None:
+            return
+        self.key_norms = key_l1_norms(self.adapter, layer, hidden, position_embeddings)
+
+    def rank_states(self, hidden: torch.Tensor) -> None:
+        """DART or DivPrune, at the input `hidden` (the whole sequence) of the layer after the pruning layer: X_{p+1}
+        (X_0 for DivPrune); see `skipit.skipping.rankers`."""
+        if self.vision is None or self.kept is not None:
+            return
+        keep = self.plan.prune_vision_keep
+        if self.plan.prune_vision_rank == "dart":
+            states = self.adapter.final_norm(hidden)
+            self.kept = dart_keep(states, self.key_norms, self.vision, self.valid, keep)
+        else:
+            self.kept = divprune_keep(hidden, self.vision, keep)
 
     def runs(self, role: str) -> list[LayerRun]:
         """The runs a layer of `role` makes in this call, in order; built once per role (group of layers)."""
