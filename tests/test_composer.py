@@ -71,8 +71,10 @@ def test_budget_takes_the_first_plan_that_meets_it_and_kappa_the_most_under_it()
     assert state.plan.skip_layers == (4,) and state.plan.frozen_vision_layers == (3,)
     state, _ = compose(measurer, EMPTY, kappa=1e-5, pool=POOL)  # nothing fits: the empty plan
     assert state.plan.is_empty and state.heldout_kl == 0
-    state, _ = compose(synthetic(CHEAP), EMPTY, budget=0.2, beam=2, pool=POOL)
-    assert state.saving >= 0.2
+    greedy, _ = compose(synthetic(CHEAP), EMPTY, budget=0.2, pool=POOL)
+    state, record = compose(synthetic(CHEAP), EMPTY, budget=0.2, beam=2, pool=POOL)
+    assert state.saving >= 0.2 and state.kl <= greedy.kl  # the greedy path is one of the beam's
+    assert [p["decisions"] for p in record["path"][:2]] == [["freeze 3"], ["skip 4"]]  # the two best alone
 
 
 @pytest.mark.parametrize("kwargs, message", [

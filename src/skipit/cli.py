@@ -394,7 +394,8 @@ def plan_(
     n_heldout: Annotated[int | None, typer.Option(help="Composed: held-out records that check the plan [16]")] = None,
     beam: Annotated[int | None, typer.Option(help="Composed: plans kept at each step [1: greedy]")] = None,
     shortlist: Annotated[int | None, typer.Option(help="Composed: best-ranked decisions tried per step [6]")] = None,
-    step: Annotated[int | None, typer.Option(help="Composed: layer spacing of exits, entries, pruning [1]")] = None,
+    step: Annotated[int | None, typer.Option(
+        help="Composed: layer spacing of exits, entries, pruning [about layers / 8]")] = None,
 ) -> None:
     """Turn an analysis into a skip plan: the widest bands whose layers all meet the conditions (or, with
     --composed, the decisions measured to cost the least KL per FLOP removed)."""

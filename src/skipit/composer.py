@@ -55,6 +55,7 @@ KAPPA = 0.02  # nats: the composed KL allowed when no budget is given (the funct
 KEEP_SHARES = (0.75, 0.5, 0.25)  # the vision-token shares a pruning decision may keep
 N_SCORE, N_HELDOUT = 16, 16  # calibration examples that rank the decisions, and those that check the composed plan
 SHORTLIST, BEAM = 6, 1
+BAND_POSITIONS = 8  # by default, the band decisions (exit, entry, pruning) are tried at about this many layers
 DECODE_STEPS = 16  # for the predicted decode-step saving, as in `skipit.planner.predicted`
 
 # ---------------------------------------------------------------- decisions
@@ -138,11 +139,16 @@ def prune_options() -> tuple[tuple[str | None, ...], tuple[int, ...]]:
     return rankers, (before,) if before is not None else ()
 
 
-def candidates(num_layers: int, step: int = 1, keep_shares: Sequence[float] = KEEP_SHARES) -> list[Decision]:
+def band_step(num_layers: int, step: int | None = None) -> int:
+    """The layer spacing of the band decisions: `step`, or about num_layers / BAND_POSITIONS."""
+    return step if step is not None else max(1, round(num_layers / BAND_POSITIONS))
+
+
+def candidates(num_layers: int, step: int | None = None, keep_shares: Sequence[float] = KEEP_SHARES) -> list[Decision]:
     """Every decision on a model of `num_layers` layers. Freezing and skipping are tried at every layer; the band
-    decisions (exit, entry, pruning) at every `step`-th layer."""
+    decisions (exit, entry, pruning) at every `step`-th layer (`band_step`)."""
     L = num_layers
-    band = range(0, L - 1, step)
+    band = range(0, L - 1, band_step(L, step))
     rankers, before = prune_options()
     out = [Decision("freeze", j) for j in range(L)]
     out += [Decision("skip", j) for j in range(L)]
@@ -316,15 +322,32 @@ def _children(measurer: Measurer, empty: Plan, state: State, ranking: Sequence[A
         if (k := _score(measurer, plan)) is None:
             continue
         ratio = max(k - state.kl, 0.0) / (s - state.saving)
-        step = {"decision": alone.decision.to_dict(), "name": alone.decision.name,
-                "alone": {"kl": _r(alone.kl), "flops_removed": _r(alone.saving)},
-                "added": {"kl": _r(k - state.kl), "flops_removed": _r(s - state.saving)}}  # fmt: skip
-        out.append(State(plan, (*state.decisions, alone.decision), k, s, ratio, None, state.steps + [step]))
+        entry = {"decision": alone.decision.to_dict(), "name": alone.decision.name,
+                 "alone": {"kl": _r(alone.kl), "flops_removed": _r(alone.saving)},
+                 "added": {"kl": _r(k - state.kl), "flops_removed": _r(s - state.saving)}}  # fmt: skip
+        out.append(State(plan, (*state.decisions, alone.decision), k, s, ratio, None, state.steps + [entry]))
     return out
 
 
+def _next_beam(measurer: Measurer, empty: Plan, frontier: Sequence[State], ranking: Sequence[Alone],
+               shortlist: int, beam: int) -> list[State]:  # fmt: skip
+    """The plans that go on: each current plan's child with the least added KL per added FLOP (so each plan goes
+    on greedily, and with `beam` 1 this is the greedy rule), then, up to `beam` plans, the other children with the
+    least added KL per FLOP. A plan reached from two current plans counts once."""
+    def order(c: State):
+        return c.ratio, -c.saving
+
+    families = [sorted(_children(measurer, empty, state, ranking, shortlist), key=order) for state in frontier]
+    kept, seen = [], set()
+    for child in [f[0] for f in families if f] + sorted((c for f in families for c in f[1:]), key=order):
+        if len(kept) < beam and (key := _key(child.plan)) not in seen:
+            kept.append(child)
+            seen.add(key)
+    return kept
+
+
 def compose(measurer: Measurer, empty: Plan, budget: float | None = None, kappa: float | None = None,
-            beam: int = BEAM, shortlist: int = SHORTLIST, step: int = 1,
+            beam: int = BEAM, shortlist: int = SHORTLIST, step: int | None = None,
             pool: Sequence[Decision] | None = None) -> tuple[State, dict]:  # fmt: skip
     """The composed plan (module docstring) as the last `State` of its search, and the search's record: every
     decision alone, and the plans measured on the held-out examples in the order they were."""
@@ -334,13 +357,7 @@ def compose(measurer: Measurer, empty: Plan, budget: float | None = None, kappa:
     root = State(empty, heldout=measurer.kl(empty, "heldout"))
     frontier, finished, feasible, path = [root], [], [root], []
     while frontier:
-        children = {}
-        for state in frontier:
-            for child in _children(measurer, empty, state, ranking, shortlist):
-                key = _key(child.plan)
-                if key not in children or child.ratio < children[key].ratio:
-                    children[key] = child
-        kept = sorted(children.values(), key=lambda c: (c.ratio, -c.saving))[:beam]
+        kept = _next_beam(measurer, empty, frontier, ranking, shortlist, beam)
         for child in kept:
             child.heldout = measurer.kl(child.plan, "heldout")
             composed = {"kl_score": _r(child.kl), "kl_heldout": _r(child.heldout_kl), "flops_removed": _r(child.saving)}
@@ -358,7 +375,7 @@ def compose(measurer: Measurer, empty: Plan, budget: float | None = None, kappa:
         if not finished:
             most = max((p["flops_removed"] for p in path), default=0.0)
             raise SkipitError(f"no composed plan removes {budget:.0%} of the prefill FLOPs; the search reached "
-                              f"{most:.1%} (try a smaller --budget, --step 1 or a wider --shortlist)")  # fmt: skip
+                              f"{most:.1%} (step 1 or a wider shortlist may reach further)")  # fmt: skip
         return min(finished, key=lambda c: (c.kl, -c.saving)), record
     return max(feasible, key=lambda c: (c.saving, -c.heldout_kl)), record
 
@@ -374,9 +391,10 @@ def check_objective(budget: float | None, kappa: float | None) -> tuple[float | 
     return budget, (KAPPA if budget is None and kappa is None else kappa)
 
 
-def check_search(beam: int, shortlist: int, step: int) -> None:
-    if bad := [name for name, v in (("beam", beam), ("shortlist", shortlist), ("step", step)) if v < 1]:
-        raise SkipitError(f"{bad[0]} must be at least 1")
+def check_search(beam: int, shortlist: int, step: int | None) -> None:
+    for name, value in (("beam", beam), ("shortlist", shortlist), ("step", step)):
+        if value is not None and value < 1:
+            raise SkipitError(f"{name} must be at least 1")
 
 
 # ---------------------------------------------------------------- the API
@@ -384,7 +402,7 @@ def check_search(beam: int, shortlist: int, step: int) -> None:
 
 def compose_plan(model, processor, records: Sequence, budget: float | None = None, kappa: float | None = None, *,
                  n_score: int | None = None, n_heldout: int | None = None, beam: int = BEAM,
-                 shortlist: int = SHORTLIST, step: int = 1, batch_size: int = 16) -> Plan:  # fmt: skip
+                 shortlist: int = SHORTLIST, step: int | None = None, batch_size: int = 16) -> Plan:  # fmt: skip
     """The composed functional plan of `model` (module docstring) from calibration `records` (no answers needed):
     the first `n_score` rank the decisions, the next `n_heldout` measure the composed plans (default: 16 and 16, or
     half and half of fewer than 32 records). `budget`: the least KL with at least that share of the prefill FLOPs
@@ -395,6 +413,7 @@ def compose_plan(model, processor, records: Sequence, budget: float | None = Non
     start = time.perf_counter()
     measurer = ModelMeasurer(model, processor, score, heldout, batch_size)
     empty = Plan.for_model(model)
+    step = band_step(empty.num_layers, step)
     state, record = compose(measurer, empty, budget, kappa, beam, shortlist, step)
     plan = empty.with_decisions(**plan_fields(state.plan))
     plan.evidence = evidence(state, record, measurer, budget, kappa,
