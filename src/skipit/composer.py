@@ -18,13 +18,15 @@ The search, top to bottom in `compose`:
    decisions are ranked by KL per FLOP removed.
 2. Greedy composition from the empty plan. At each step, the `shortlist` best-ranked decisions that still apply to
    the current plan (and remove more FLOPs) are added to it one at a time and each composed plan is measured on the
-   scoring examples; the one with the least added KL per added FLOP joins the plan (with `beam` > 1, the `beam` such
-   children of all current plans go on). Each plan that goes on is measured on the *held-out* examples, which were
-   never used to rank or choose a decision.
-3. Stopping. `budget` F: the first plans that remove at least F of the prefill FLOPs end the search; of those, the one
-   with the least KL on the scoring examples is the plan. `kappa` K: a plan whose held-out KL exceeds K does not go
-   on; the plan is the one with the most FLOPs removed among those whose held-out KL stayed at most K (the empty plan
-   when no decision does).
+   scoring examples; the one with the least added KL per added FLOP joins the plan. With `beam` B > 1, B plans go
+   on: each current plan's best child (so each goes on greedily), then the other children with the least added KL
+   per FLOP; at the first step these are the B best decisions alone. Each plan that goes on is measured on the
+   *held-out* examples, which never rank or choose a decision (with `kappa` they say where the search stops).
+3. Stopping. `budget` F: a plan that removes at least F of the prefill FLOPs is finished and does not go on, nor
+   does one whose KL on the scoring examples is already above a finished plan's; of the finished plans, the one
+   with the least KL on the scoring examples is the plan (an error when none is). `kappa` K: a plan whose held-out
+   KL exceeds K does not go on; the plan is the one with the most FLOPs removed among those whose held-out KL
+   stayed at most K (the empty plan when no decision does).
 
 The plan's evidence holds the held-out KL of the composed plan with a bootstrap interval over examples, each
 decision in the order it joined (its KL alone, what it added, the composed plan's KL on both sets and FLOPs
