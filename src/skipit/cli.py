@@ -387,15 +387,15 @@ def plan_(
         help="Functional: summed ablation KL under this; composed: held-out KL at most this (nats) [0.02]")] = None,
     composed: Annotated[bool, typer.Option(
         help="Run the model: add decisions by measured KL per FLOP, check the plan on held-out records")] = False,
-    model: Annotated[str | None, typer.Option(help="Composed: model folder [default: the analysed model]")] = None,
+    model: Annotated[str | None, typer.Option(help="Composed: model folder (default: the analysed model)")] = None,
     calib: Annotated[Path | None, typer.Option(
-        help="Composed: calibration records [default: the analysis's data]")] = None,
+        help="Composed: calibration records (default: the analysis's data)")] = None,
     n_score: Annotated[int | None, typer.Option(help="Composed: records that rank the decisions [16]")] = None,
     n_heldout: Annotated[int | None, typer.Option(help="Composed: held-out records that check the plan [16]")] = None,
     beam: Annotated[int | None, typer.Option(help="Composed: plans kept at each step [1: greedy]")] = None,
     shortlist: Annotated[int | None, typer.Option(help="Composed: best-ranked decisions tried per step [6]")] = None,
     step: Annotated[int | None, typer.Option(
-        help="Composed: layer spacing of exits, entries, pruning [about layers / 8]")] = None,
+        help="Composed: layer spacing of exits, entries, pruning (default: about layers / 8)")] = None,
 ) -> None:
     """Turn an analysis into a skip plan: the widest bands whose layers all meet the conditions (or, with
     --composed, the decisions measured to cost the least KL per FLOP removed)."""
