@@ -184,7 +184,10 @@ def test_plan_bands_follow_roles():
     bands = rep.plan_bands(pruned, 10)
     assert bands == {"vision pruned (a share kept)": [(2, 6)], "early exit (vision gone)": [(7, 9)]}
     assert set(bands) <= set(rep.BANDS)  # every band has a colour: the report draws it
-    assert rep.describe_plan(pruned.to_dict()) == "m=6, vision pruned to 25% after 1"
+    assert rep.describe_plan(pruned.to_dict()) == "m=6, vision pruned to 25% after 1 (attention)"
+    diverse = Plan("X", 10, "f", prune_vision_after=-1, prune_vision_keep=0.5, prune_vision_rank="divprune")
+    assert rep.describe_plan(diverse.to_dict()) == "vision pruned to 50% before layer 0 (divprune)"
+    assert rep.plan_bands(diverse, 10) == {"vision pruned (a share kept)": [(0, 9)]}
 
 
 def test_missing_analysis_is_a_one_line_error(make_run, tmp_path):

@@ -3,7 +3,8 @@
 from skipit.errors import SkipitError
 from skipit.models import load
 
-__all__ = ["Analysis", "Plan", "SkipitError", "analyze", "apply_plan", "load", "make_plan", "remove_plan"]
+__all__ = ["Analysis", "Plan", "SkipitError", "analyze", "apply_plan", "compose_plan", "load", "make_plan",
+           "remove_plan"]
 __version__ = "0.1.0"
 
 
@@ -21,6 +22,10 @@ def __getattr__(name: str):
         from skipit.planner import make_plan
 
         return make_plan
+    if name == "compose_plan":
+        from skipit.composer import compose_plan
+
+        return compose_plan
     if name in ("apply_plan", "remove_plan"):
         from skipit import skipping
 

@@ -409,20 +409,38 @@ def compose_plan(model, processor, records: Sequence, budget: float | None = Non
     the first `n_score` rank the decisions, the next `n_heldout` measure the composed plans (default: 16 and 16, or
     half and half of fewer than 32 records). `budget`: the least KL with at least that share of the prefill FLOPs
     removed; `kappa`: the most FLOPs removed with a held-out KL of at most kappa nats (the default, kappa = 0.02)."""
-    budget, kappa = check_objective(budget, kappa)
-    check_search(beam, shortlist, step)
-    score, heldout = split_records(records, n_score, n_heldout)
-    start = time.perf_counter()
-    measurer = ModelMeasurer(model, processor, score, heldout, batch_size)
-    empty = Plan.for_model(model)
-    step = band_step(empty.num_layers, step)
-    state, record = compose(measurer, empty, budget, kappa, beam, shortlist, step)
-    plan = empty.with_decisions(**plan_fields(state.plan))
-    plan.evidence = evidence(state, record, measurer, budget, kappa,
-                             {"beam": beam, "shortlist": shortlist, "step": step}, score, heldout)  # fmt: skip
-    plan.evidence["search"]["seconds"] = round(time.perf_counter() - start, 2)
-    plan.evidence["predicted"] = {k: round(v, 4) for k, v in measurer.predicted(plan).items()}
-    return plan
+    check_objective(budget, kappa)
+    composer = Composer(model, processor, records, n_score=n_score, n_heldout=n_heldout, beam=beam,
+                        shortlist=shortlist, step=step, batch_size=batch_size)  # fmt: skip
+    return composer.plan(budget=budget, kappa=kappa)
+
+
+class Composer:
+    """Composed plans of one model for several objectives (budgets, kappas), sharing every measurement: a plan is
+    measured once per set of examples, whichever search asks for it (the decisions alone, above all)."""
+
+    def __init__(self, model, processor, records: Sequence, *, n_score: int | None = None,
+                 n_heldout: int | None = None, beam: int = BEAM, shortlist: int = SHORTLIST, step: int | None = None,
+                 batch_size: int = 16):  # fmt: skip
+        check_search(beam, shortlist, step)
+        self.score, self.heldout = split_records(records, n_score, n_heldout)
+        start = time.perf_counter()
+        self.measurer = ModelMeasurer(model, processor, self.score, self.heldout, batch_size)
+        self.empty = Plan.for_model(model)
+        self.search = {"beam": beam, "shortlist": shortlist, "step": band_step(self.empty.num_layers, step)}
+        self.seconds = time.perf_counter() - start
+
+    def plan(self, budget: float | None = None, kappa: float | None = None) -> Plan:
+        budget, kappa = check_objective(budget, kappa)
+        start = time.perf_counter()
+        state, record = compose(self.measurer, self.empty, budget, kappa, **self.search)
+        plan = self.empty.with_decisions(**plan_fields(state.plan))
+        plan.evidence = evidence(state, record, self.measurer, budget, kappa, dict(self.search), self.score,
+                                 self.heldout)  # fmt: skip
+        self.seconds += time.perf_counter() - start
+        plan.evidence["search"]["seconds"] = round(self.seconds, 2)  # so far, measurements shared with earlier plans
+        plan.evidence["predicted"] = {k: round(v, 4) for k, v in self.measurer.predicted(plan).items()}
+        return plan
 
 
 def split_records(records: Sequence, n_score: int | None, n_heldout: int | None) -> tuple[list, list]:

@@ -149,8 +149,10 @@ def describe_plan(plan: dict | None) -> str:
         parts.append(f"skip {_layers(plan['skip_layers'])}")
     if plan.get("frozen_vision_layers"):
         parts.append(f"frozen {_layers(plan['frozen_vision_layers'])}")
-    if plan.get("prune_vision_after") is not None:
-        parts.append(f"vision pruned to {plan.get('prune_vision_keep', 0.5):.0%} after {plan['prune_vision_after']}")
+    if (p := plan.get("prune_vision_after")) is not None:
+        rank = plan.get("prune_vision_rank", "attention")
+        where = "before layer 0" if p == -1 else f"after {p}"
+        parts.append(f"vision pruned to {plan.get('prune_vision_keep', 0.5):.0%} {where} ({rank})")
     return ", ".join(parts) or "no change"
 
 

@@ -13,10 +13,11 @@ from pathlib import Path
 from rich.console import Console
 
 from skipit import models
+from skipit.composer import KAPPA, Composer
 from skipit.data.jsonl import load_records
 from skipit.demo.build import ensure_built, shapes_split
 from skipit.errors import SkipitError
-from skipit.plan import fingerprint
+from skipit.plan import Plan, fingerprint
 from skipit.progress import progress
 
 
@@ -28,6 +29,7 @@ class DemoConfig:
     step: int = 15  # layer spacing of the plan grid
     batch_size: int = 16
     repeats: int = 2  # speed measurement rounds per plan
+    kappa: float = KAPPA  # the KL (nats) the demo's composed plan may cost on held-out calibration records
 
 
 def run(run_dir: str | Path, config: DemoConfig | None = None, model_path: str | Path | None = None,
@@ -35,7 +37,6 @@ def run(run_dir: str | Path, config: DemoConfig | None = None, model_path: str |
     """Run (or resume) the demo in `run_dir`; returns the headline numbers."""
     from skipit.analysis import Analysis, analyze, records_digest
     from skipit.evaluation import sweep
-    from skipit.planner import make_plan
     from skipit.report import write_report
 
     config = config or DemoConfig()
@@ -63,23 +64,27 @@ def run(run_dir: str | Path, config: DemoConfig | None = None, model_path: str |
                                model_path=str(path),
                                data_path=str(calib_path),
                                on_batch=lambda n: bar.advance(task, n)).result  # fmt: skip
-    # 2. plan
-    # the conditions' bands, plus vision tokens frozen where the functional (or, without it, geometric) test allows
-    functional = "vision" in analysis.ablation_kl
-    plan = make_plan(analysis, functional=True) if functional else make_plan(analysis, freeze_vision=True)
-    if plan.is_empty:  # nothing meets the default conditions: take the cheapest 20 % instead, and say so
-        console.print("no layer meets the default conditions; planning the cheapest 20 % of FLOPs instead")
-        plan = make_plan(analysis, budget=0.2)
-    plan.save(run_dir / "plan.json")
-    saving = plan.evidence["predicted"]["flops_removed"]
-    console.print(f"2/4 plan: {saving:.1%} of prefill FLOPs predicted removed ({run_dir / 'plan.json'})")
+    # 2. plan: the composed functional plan, measured on the calibration records (skipit.composer)
+    composer, saved = None, run_dir / "plan.json"
+    plan = Plan.load(saved) if saved.is_file() else None
+    if plan is None or not plan.evidence.get("search"):  # none yet, or one of an earlier release's planner
+        with console.status("2/4 plan: measuring decisions on the calibration records"):
+            composer = Composer(model, processor, calib)
+            plan = composer.plan(kappa=config.kappa)
+        plan.save(run_dir / "plan.json")
+    saving = plan.evidence["flops_removed"]
+    kl = plan.evidence["kl"]
+    console.print(f"2/4 plan: {saving:.1%} of prefill FLOPs removed at a held-out KL of {kl['value']:.4f} nats "
+                  f"[{kl['low']:.4f}, {kl['high']:.4f}] ({run_dir / 'plan.json'})")
 
-    # 3. sweep: the grid, skipit's plan, and the baselines at the FLOPs skipit's plan removes
+    # 3. sweep: the grid, skipit's plans, and the baselines at the FLOPs skipit's plan removes
     plans = sweep.grid(model, config.step)
     encoded = sweep.speed_batch(model, processor, test)
-    with console.status("3/4 ranking layers for the baselines"):
-        plans |= sweep.compared_plans(model, processor, calib[:20], analysis, encoded, [round(saving, 3)])
-    plans.pop("skipit+functional" if functional else "skipit+freeze", None)  # the demo's own plan, below
+    with console.status("3/4 planning skipit's and the baselines' plans at that budget"):
+        composer = composer or Composer(model, processor, calib)
+        plans |= sweep.compared_plans(model, processor, calib, analysis, encoded, [round(saving, 3)],
+                                      composer=composer)  # fmt: skip
+    plans.pop("skipit+composed", None)  # the demo's own plan, below
     plans["skipit"] = ("skipit", plan)
     with progress("plan") as bar:
         task = bar.add_task("3/4 sweep: plans scored and timed", total=len(plans))

@@ -193,7 +193,7 @@ def sweep_model(
     step: int = 3,
     budgets: str | Sequence[float] = (0.1, 0.2, 0.3),
     methods: str | Sequence[str] | None = None,
-    n_calib: int = 20,
+    n_calib: int = 32,
     batch_size: int = 16,
     repeats: int = 3,
     restart: bool = False,

@@ -51,12 +51,16 @@ def grid(model, step: int = 3) -> dict[str, tuple[str, Plan]]:
 
 
 def compared_plans(model, processor, calib, analysis: dict, encoded: dict, budgets: list[float],
-                   methods: tuple[str, ...] | None = None) -> dict[str, tuple[str, Plan]]:  # fmt: skip
-    """skipit's own plans (default thresholds, without and with frozen vision layers, and with functional freezing
-    when the analysis has the ablation KL), FastV's own, and skipit and each baseline at every FLOPs budget
-    ("method@budget").
+                   methods: tuple[str, ...] | None = None, composer=None) -> dict[str, tuple[str, Plan]]:  # fmt: skip
+    """skipit's own plans (the conditions' plan with its default thresholds, without and with frozen vision layers;
+    functional freezing when the analysis has the ablation KL; the composed functional plan at its default KL
+    limit), FastV's own, and skipit (composed, `skipit.composer`) and each baseline at every FLOPs budget
+    ("method@budget"), all planned from the calibration records `calib`.
     A method that cannot reach a budget (say, VTW past what removing every vision token saves) is left out there.
-    `methods`: registered baseline names (`skipit.baselines.available()`, the default)."""
+    `methods`: registered baseline names (`skipit.baselines.available()`, the default); `composer`: a
+    `skipit.composer.Composer` of the same model and records, to reuse its measurements."""
+    from skipit.composer import Composer
+
     methods = baselines.available() if methods is None else tuple(methods)
     for m in methods:
         baselines.get_baseline(m)  # an unknown name is an error, not an empty column
@@ -64,13 +68,15 @@ def compared_plans(model, processor, calib, analysis: dict, encoded: dict, budge
            "skipit+freeze": ("skipit", make_plan(analysis, freeze_vision=True))}
     if ablation_kl(analysis).get("vision"):  # analyze --ablation
         out["skipit+functional"] = ("skipit", make_plan(analysis, functional=True))
+    composer = composer or Composer(model, processor, calib)  # one set of measurements for every budget
+    out["skipit+composed"] = ("skipit", composer.plan())
     if "fastv" in methods:  # FastV's own setting, K = 2 and R = 50 %, whatever it saves
         out["fastv"] = ("baseline", Plan.for_model(model, prune_vision_after=baselines.FASTV_LAYER))
     cache: dict = {}
     for b in budgets:
         for method in ("skipit", *methods):
             try:
-                plan = (make_plan(analysis, budget=b) if method == "skipit" else
+                plan = (composer.plan(budget=b) if method == "skipit" else
                         baselines.baseline_plan(method, model, processor, calib, encoded, b, analysis=analysis,
                                                 cache=cache))  # fmt: skip
             except SkipitError:
@@ -185,8 +191,9 @@ def run(
         path = run_dir / "plans" / f"{name}.json"
         if path.is_file():
             saved = json.loads(path.read_text())
-            # read back through Plan, so files written before a plan field existed still match
-            if Plan.from_dict(saved["plan"]).to_dict() == plan.to_dict() and saved["key"] == key:
+            # read back through Plan, so files written before a plan field existed still match; the evidence (how
+            # the plan was found, e.g. a search's seconds) may differ between runs, the decisions may not
+            if _decisions(Plan.from_dict(saved["plan"])) == _decisions(plan) and saved["key"] == key:
                 done[name] = saved
                 if on_plan:
                     on_plan(name)
@@ -200,6 +207,10 @@ def run(
         if on_plan:
             on_plan(name)
     return summarize(done, analysis, run_dir, lost_points, meta={"n": len(records)}, key=key)
+
+
+def _decisions(plan: Plan) -> dict:
+    return {k: v for k, v in plan.to_dict().items() if k != "evidence"}
 
 
 def summarize(done: dict[str, dict], analysis: dict | None, run_dir: Path, lost_points: float, meta: dict,
