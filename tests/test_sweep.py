@@ -138,7 +138,7 @@ def test_a_noisy_speed_is_measured_again_then_flagged(setup, monkeypatch):
     encoded = sweep.speed_batch(model, processor, test)
     calls = []
 
-    def compare(model, encoded, configs, new_tokens, repeats):
+    def compare(model, encoded, configs, new_tokens, repeats, warmup):
         calls.append(repeats)
         return {name: [] for name in configs}
 
@@ -183,3 +183,27 @@ def test_answers_from_images_encoded_once_equal_answers_from_pixels(setup, monke
     assert cached["accuracy"] == plain["accuracy"] and calls == []
     with pytest.raises(ValueError, match="not for a blind run"):
         vqa.evaluate(model, processor, test, batch_size=4, encoded=encoded, blind=True)
+
+
+def test_a_plan_with_the_same_decisions_is_measured_once_and_the_model_warmed_up_once(setup, tmp_path, monkeypatch):
+    model, processor, test, _, analysis = setup
+    grid = sweep.grid(model, step=3)
+    twin = Plan.from_dict(grid["early_exit_2"][1].to_dict())  # same decisions, other evidence, another name
+    twin.evidence = {"method": "found another way"}
+    plans = {"empty": grid["empty"], "early_exit_2": grid["early_exit_2"], "exit@0.3": ("baseline", twin)}
+    calls = []
+    real = sweep.measure_plan
+
+    def counted(*args, warmup=1, **kwargs):
+        calls.append(warmup)
+        return real(*args, warmup=warmup, **kwargs)
+
+    monkeypatch.setattr(sweep, "measure_plan", counted)
+    rows = {r["name"]: r for r in sweep.run(model, processor, test, tmp_path, plans, repeats=1)["plans"]}
+    assert calls == [1, 0]  # empty (warms up), early_exit_2; the twin is not measured again
+    assert rows["exit@0.3"]["same_as"] == "early_exit_2"
+    saved = {n: json.loads((tmp_path / "plans" / f"{n}.json").read_text()) for n in ("exit@0.3", "early_exit_2")}
+    assert saved["exit@0.3"]["predictions"] == saved["early_exit_2"]["predictions"]
+    assert rows["exit@0.3"]["accuracy"] == rows["early_exit_2"]["accuracy"]
+    assert rows["exit@0.3"]["family"] == "baseline"
+    assert rows["exit@0.3"]["plan"]["evidence"]["method"] == "found another way"

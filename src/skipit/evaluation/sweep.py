@@ -86,9 +86,10 @@ def compared_plans(model, processor, calib, analysis: dict, encoded: dict, budge
 
 
 def measure_plan(model, processor, records, plan: Plan, encoded: dict, batch_size: int, repeats: int,
-                 answer_batches: list[dict] | None = None) -> dict:  # fmt: skip
+                 answer_batches: list[dict] | None = None, warmup: int = 1) -> dict:  # fmt: skip
     """Accuracy of `plan` on `records`, and its speed measured side by side with the untouched model.
-    `answer_batches`: the records' inputs with their images encoded once for the whole sweep (`vqa.encode_batches`)."""
+    `answer_batches`: the records' inputs with their images encoded once for the whole sweep (`vqa.encode_batches`);
+    `warmup`: untimed rounds first (the sweep warms up once, on its first plan)."""
     apply_plan(model, plan)
     try:
         result = vqa.evaluate(model, processor, records, batch_size=batch_size, encoded=answer_batches)
@@ -96,7 +97,8 @@ def measure_plan(model, processor, records, plan: Plan, encoded: dict, batch_siz
         remove_plan(model)
     configs = {"untouched": None, "plan": plan}
     for attempt in range(2):  # a noisy measurement is taken again, with twice the rounds, before it is flagged
-        runs = speed.compare(model, encoded, configs, new_tokens=SPEED_NEW_TOKENS, repeats=repeats * (1 + attempt))
+        runs = speed.compare(model, encoded, configs, new_tokens=SPEED_NEW_TOKENS, repeats=repeats * (1 + attempt),
+                             warmup=warmup)  # fmt: skip
         row = speed.speed_rows(model, encoded, configs, runs, new_tokens=SPEED_NEW_TOKENS)[1]
         if not row["noisy"]:
             break
@@ -186,7 +188,7 @@ def run(
     check_saved(run_dir, key, restart)
     encoded = speed_batch(model, processor, records) if encoded is None else encoded
     answer_batches = None  # the vision encoder runs once per record for the whole sweep, when a plan needs answers
-    done = {}
+    done, measured = {}, 0  # measured: plans timed in this call (the first one warms the model up)
     for name, (family, plan) in plans.items():
         path = run_dir / "plans" / f"{name}.json"
         if path.is_file():
@@ -199,9 +201,15 @@ def run(
                     on_plan(name)
                 continue
         row = {"name": name, "family": family, "plan": plan.to_dict(), "n": len(records), "key": key}
-        if answer_batches is None:
-            answer_batches = vqa.encode_batches(model, processor, records, batch_size)
-        row |= measure_plan(model, processor, records, plan, encoded, batch_size, repeats, answer_batches)
+        twin = next((r for r in done.values() if _decisions(Plan.from_dict(r["plan"])) == _decisions(plan)), None)
+        if twin is not None:  # the same decisions under another name (a budget plan equal to a plan above, say)
+            row |= {k: v for k, v in twin.items() if k not in row} | {"same_as": twin["name"]}
+        else:
+            if answer_batches is None:
+                answer_batches = vqa.encode_batches(model, processor, records, batch_size)
+            row |= measure_plan(model, processor, records, plan, encoded, batch_size, repeats, answer_batches,
+                                warmup=0 if measured else 1)  # fmt: skip
+            measured += 1
         write_json(path, row)
         done[name] = row
         if on_plan:
