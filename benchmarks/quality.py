@@ -18,7 +18,7 @@ from pathlib import Path
 from skipit import models
 from skipit.data.jsonl import load_records
 from skipit.demo.build import build, ensure_built, shapes_split
-from skipit.evaluation import vqa
+from skipit.evaluation import caption, vqa
 from skipit.io import write_json
 from skipit.progress import progress
 
@@ -31,6 +31,7 @@ def main() -> None:
     ap.add_argument("--trained", default=None, help="trained weights to score instead of the shipped ones")
     ap.add_argument("--split", default="test", choices=("test", "calibration"))
     ap.add_argument("--no-blind", action="store_true", help="skip the blind run")
+    ap.add_argument("--captions", type=int, default=0, help="also caption this many test images (CIDEr-D)")
     args = ap.parse_args()
 
     path = build(Path(tempfile.mkdtemp(prefix="quality-")) / "model", args.trained) if args.trained else ensure_built()
@@ -72,6 +73,18 @@ def main() -> None:
         print(f"time: {img['seconds']:.0f} s with images, {blind['seconds']:.0f} s blind (batch {args.batch_size})")
     else:
         print(f"\ntime: {img['seconds']:.0f} s (batch {args.batch_size})")
+    if args.captions:
+        images = load_records(shapes_split(args.split), limit=args.captions)
+        for blind in (False,) if args.no_blind else (False, True):
+            name = "caption_blind" if blind else "caption"
+            t0 = time.perf_counter()
+            results[name] = caption.evaluate(model, processor, images, args.batch_size, blind=blind)
+            ci = results[name]["cider_ci"]
+            print(f"captioning CIDEr-D{' (blind)' if blind else ''} on {results[name]['n']} images: "
+                  f"{results[name]['cider']:.3f} [{ci['low']:.3f}, {ci['high']:.3f}] "
+                  f"({time.perf_counter() - t0:.0f} s)")
+        print("e.g.", results["caption"]["predictions"][0]["prediction"], "|",
+              results["caption"]["predictions"][0]["references"][0])
     if args.out:
         write_json(args.out, {**summary, **results})
 

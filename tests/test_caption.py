@@ -112,3 +112,18 @@ def test_records_without_captions_are_refused(tmp_path):
                                {"id": "f", "image": "2.png", "question": "q"}])  # fmt: skip
     with pytest.raises(SkipitError, match=r"^2 records have no \"caption\" to score \(first: 'e'\)$"):
         caption.evaluate(None, None, records)
+
+
+def test_blind_captions_see_a_blank_image(tiny_llava, tmp_path, monkeypatch):
+    from skipit import prompts
+
+    model, processor = tiny_llava
+    records = _data(tmp_path, ROWS)
+    seen = []
+    real = caption.generate_texts
+    spy = lambda m, p, images, *a: seen.extend(images) or real(m, p, images, *a)  # noqa: E731
+    monkeypatch.setattr(caption, "generate_texts", spy)
+    blind = caption.evaluate(model, processor, records, batch_size=2, max_new_tokens=6, blind=True)
+    blank = prompts.blank(records[0].load_image())
+    assert len(seen) == 3 and all(list(im.getdata()) == list(blank.getdata()) for im in seen)
+    assert len({r["prediction"] for r in blind["predictions"]}) == 1  # one blank image, one caption

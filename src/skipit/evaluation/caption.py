@@ -68,8 +68,10 @@ def evaluate(
     batch_size: int = 16,
     max_new_tokens: int = 64,
     on_batch: Callable[[int], None] | None = None,
+    blind: bool = False,
 ) -> dict:
-    """CIDEr-D of the model's greedy one-sentence captions, one per distinct image of `records`."""
+    """CIDEr-D of the model's greedy one-sentence captions, one per distinct image of `records` (`blind`: of blank
+    images of the same size instead, the score the captions' language alone reaches)."""
     check_scorable(records)
     examples = by_image(records)
     prompt = prompts.caption_text(processor)
@@ -77,6 +79,8 @@ def evaluate(
     for start in range(0, len(examples), batch_size):
         batch = examples[start:start + batch_size]
         images = [rec.load_image() for rec, _ in batch]
+        if blind:
+            images = [prompts.blank(im) for im in images]
         predictions += generate_texts(model, processor, images, [prompt] * len(batch), max_new_tokens)
         if on_batch:
             on_batch(len(batch))
