@@ -28,6 +28,7 @@ from skipit import compat
 from skipit.adapters import FAMILIES, get_adapter
 from skipit.capture import Calibrator, hooks
 from skipit.errors import SkipitError
+from skipit.measures.functional import kl_from_logits
 from skipit.plan import Plan
 from skipit.skipping import apply_plan, remove_plan
 from skipit.stats import StatsConfig
@@ -292,13 +293,48 @@ def test_hooks_read_deepstack_states_after_the_injection():
     assert torch.equal(got[1][~vision], outputs[0][~vision])
 
 
-def test_calibrator_on_deepstack_measures_and_refuses_the_ablation():
+def test_ablation_on_deepstack_keeps_the_injections(monkeypatch):
+    """Qwen3-VL adds features into vision tokens after layers 0 and 1, so rerunning layers j..L-1 from X_j would drop
+    them: the ablation takes one full forward per layer instead. Reference: a copy whose layer j returns its input at
+    vision positions (the injection after it still lands). The update norm is the layer's own, not the injection."""
     model, inputs = build("qwen3_vl"), make_inputs("qwen3_vl", 3)
-    with pytest.raises(SkipitError, match=r"ablation is not supported on Qwen3VLForConditionalGeneration: .* "
-                                          r"after layers \[0, 1\]"):
-        Calibrator(model, CONFIG, ablation=True)
-    with Calibrator(model, CONFIG) as cal:
+    from skipit import capture
+
+    replays = []
+    real = capture._LayerCalls.replays
+    monkeypatch.setattr(capture._LayerCalls, "replays", lambda self, h: replays.append(real(self, h)) or replays[-1])
+    updates = []
+    real_update = capture.FunctionalStats.update_ablation
+    monkeypatch.setattr(capture.FunctionalStats, "update_ablation",
+                        lambda self, ids, j, m, kl, tv, norm, present: updates.append((j, m, norm)) or
+                        real_update(self, ids, j, m, kl, tv, norm, present))  # fmt: skip
+    with Calibrator(model, CONFIG, ablation=True) as cal:
         cal.update(inputs, ["a", "b", "c"])
+    assert replays == [False]  # the chain is broken by the injection: no rerun from X_j
+    got = cal.functional_stats.finalize()["ablation"]["vision"]["kl"]["mean"]
+    vision = inputs["input_ids"] == IMAGE
+    layers = get_adapter(model).layers
+    seen = {}
+    for j in (0, 1, 2):  # after 0 and 1 something is injected, after 2 nothing
+        original = layers[j].forward
+
+        def forward(hidden_states, *args, _original=original, _j=j, **kwargs):
+            out = _original(hidden_states, *args, **kwargs)
+            seen[_j] = (hidden_states, out)
+            return torch.where(vision[..., None], hidden_states, out)
+
+        with torch.no_grad():
+            full = model(**inputs).logits[:, -1]
+            layers[j].forward = forward
+            try:
+                ablated = model(**inputs).logits[:, -1]
+            finally:
+                del layers[j].forward
+        assert got[j] == pytest.approx(float(kl_from_logits(full, ablated).mean()), rel=1e-5), j
+        x, y = seen[j]
+        own = ((y - x).double() * vision[..., None]).pow(2).sum((1, 2)).sqrt()
+        norm = next(n for (i, m, n) in updates if i == j and m == "vision")
+        torch.testing.assert_close(norm.cpu(), own.cpu(), rtol=1e-5, atol=1e-6)  # without the injection
     assert all(0 < v < 1 for v in cal.attention_stats.finalize()["var"]["mean"])
 
 

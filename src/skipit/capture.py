@@ -105,13 +105,6 @@ class Calibrator:
         if applied_plan(model) is not None:
             raise SkipitError("remove the skip plan (skipit.remove_plan) before measuring the model")
         self.model, self.adapter, self.attention, self.logit_lens = model, get_adapter(model), attention, logit_lens
-        if ablation and self.adapter.injected_after:
-            # X_j is read after the injection, so rerunning layers j..L-1 from it (the ablation's fast path) would
-            # leave out the later injections; refused until the ablation checks for them
-            raise SkipitError(
-                f"ablation is not supported on {type(model).__name__}: the model adds features into the residual "
-                f"stream after layers {sorted(self.adapter.injected_after)} (DeepStack); measure with ablation=False"
-            )
         if attention and (bare := [j for j, layer in enumerate(self.adapter.layers)
                                    if not isinstance(getattr(layer, "self_attn", None), nn.Module)]):  # fmt: skip
             raise SkipitError(
@@ -254,8 +247,10 @@ class Calibrator:
                         ablated = self._forward(inputs, answer)
                     finally:
                         handle.remove()
-                dev = hidden[j].device
-                update = (hidden[j + 1] - hidden[j]).double() * mask[..., None].to(dev)
+                # the layer's own update: with an injection after layer j (DeepStack), X_{j+1} - X_j would add it
+                before, after = (calls.inputs[j], calls.outputs[j]) if calls.inputs[j] is not None else (
+                    hidden[j], hidden[j + 1])  # fmt: skip
+                update = (after - before).double() * mask[..., None].to(before.device)
                 self.functional_stats.update_ablation(
                     ids, j, m, kl_from_logits(reference, ablated), tv_from_logits(reference, ablated),
                     update.pow(2).sum((1, 2)).sqrt(), present)
