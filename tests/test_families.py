@@ -33,9 +33,10 @@ from skipit.plan import Plan
 from skipit.skipping import apply_plan, remove_plan
 from skipit.stats import StatsConfig
 
-NEW_FAMILIES = [*GENERIC_VLMS, "qwen3_vl"]
+DEEPSTACK = ("qwen3_vl", "qwen3_vl_moe")
+NEW_FAMILIES = [*GENERIC_VLMS, *DEEPSTACK]
 NAMES = {"llava_onevision": "LLaVA-OneVision", "smolvlm": "SmolVLM", "internvl": "InternVL", "mistral3": "Mistral3",
-         "aya_vision": "Aya Vision", "qwen3_vl": "Qwen3-VL"}  # fmt: skip
+         "aya_vision": "Aya Vision", "qwen3_vl": "Qwen3-VL", "qwen3_vl_moe": "Qwen3-VL"}  # fmt: skip
 STEPS = 8
 CONFIG = StatsConfig(n_bootstrap=16, sketch_size=64)
 
@@ -82,7 +83,7 @@ def deepstack_reference_run(model, plan, family, full: dict, width: int, steps: 
 
 
 def check(family: str, plan: Plan, monkeypatch, steps: int = STEPS):
-    if family == "qwen3_vl":
+    if family in DEEPSTACK:
         monkeypatch.setattr(ts, "reference_run", deepstack_reference_run)
     return ts.check_against_reference(family, plan, make_inputs(family, 4), steps=steps)
 
@@ -133,7 +134,7 @@ def test_skipping_a_layer_equals_an_identity_layer(family, monkeypatch):
     model, inputs = build(family), make_inputs(family, 4)
     # Qwen3-VL: a layer whose output receives a DeepStack injection (not layer 0: transformers reads positions off
     # layer 0's cache, which an identity layer 0 leaves empty)
-    j = 1 if family == "qwen3_vl" else 2
+    j = 1 if family in DEEPSTACK else 2
     with torch.no_grad():
         apply_plan(model, Plan.for_model(model, skip_layers=[j]))
         try:

@@ -43,6 +43,8 @@ from transformers import (
     Qwen2VLForConditionalGeneration,
     Qwen3VLConfig,
     Qwen3VLForConditionalGeneration,
+    Qwen3VLMoeConfig,
+    Qwen3VLMoeForConditionalGeneration,
     SiglipVisionConfig,
     SmolVLMConfig,
     SmolVLMForConditionalGeneration,
@@ -68,8 +70,8 @@ FAMILIES = ["llama", "llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "idefics3"
 OTHER_CAUSAL_LMS = ["qwen2", "qwen3", "gemma", "phi3", "smollm3"]  # model_type; text only, like "llama"
 # VLMs served by the generic adapter with no family code, tested in test_families.py (same machinery as here)
 GENERIC_VLMS = ["llava_onevision", "smolvlm", "internvl", "mistral3", "aya_vision"]
-VLMS = [*FAMILIES[1:], *GENERIC_VLMS, "qwen3_vl"]
-QWEN_VL = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+VLMS = [*FAMILIES[1:], *GENERIC_VLMS, "qwen3_vl", "qwen3_vl_moe"]
+QWEN_VL = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
 SIGLIP = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
 
 
@@ -142,6 +144,14 @@ def build(family: str):
         text = dict(TEXT, head_dim=8, rope_parameters=rope)
         config = Qwen3VLConfig(text_config=text, vision_config=vision, **QWEN_IDS)
         model = Qwen3VLForConditionalGeneration(config)
+    elif family == "qwen3_vl_moe":  # the same with a mixture-of-experts MLP (4 experts, 2 per token)
+        rope = dict(QWEN_TEXT["rope_parameters"], mrope_interleaved=True)
+        vision = dict(depth=2, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=32, patch_size=2,
+                      deepstack_visual_indexes=[0, 1], num_position_embeddings=64)  # fmt: skip
+        text = dict(TEXT, head_dim=8, rope_parameters=rope, num_experts=4, num_experts_per_tok=2,
+                    moe_intermediate_size=16, decoder_sparse_step=1)  # fmt: skip
+        config = Qwen3VLMoeConfig(text_config=text, vision_config=vision, **QWEN_IDS)
+        model = Qwen3VLMoeForConditionalGeneration(config)
     else:
         vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=8,
                       patch_size=2)  # fmt: skip
