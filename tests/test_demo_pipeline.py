@@ -20,7 +20,8 @@ def tiny_run(tiny_llava_dir, tmp_path, monkeypatch):
 
 
 def test_demo_runs_every_step_and_resumes(tiny_run, tiny_llava_dir, monkeypatch):
-    config = pipeline.DemoConfig(n_calib=6, n_test=8, step=3, repeats=1, kappa=1e-4)  # a plan baselines can match
+    config = pipeline.DemoConfig(n_calib=6, n_test=8, step=3, repeats=1, kappa=1e-4,  # a plan baselines can match
+                                 compose={"n_score": 3, "n_heldout": 3, "step": 2})
     headline = pipeline.run(tiny_run / "run", config, model_path=tiny_llava_dir)
     run = tiny_run / "run"
     for name in ("analysis.json", "plan.json", "sweep.json", "report.html"):

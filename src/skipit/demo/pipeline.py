@@ -7,7 +7,7 @@ on a rerun when its result is already there, so an interrupted demo resumes.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from rich.console import Console
@@ -30,6 +30,9 @@ class DemoConfig:
     batch_size: int = 16
     repeats: int = 2  # speed measurement rounds per plan
     kappa: float = KAPPA  # the KL (nats) the demo's composed plan may cost on held-out calibration records
+    # the composed planner's search, sized for 2 cores: 8 records score the decisions and 8 check the plan, band
+    # decisions every 8 layers, 3 candidates tried per step (skipit.composer.Composer; its defaults: 16, 16, L/8, 6)
+    compose: dict = field(default_factory=lambda: {"n_score": 8, "n_heldout": 8, "step": 8, "shortlist": 3})
 
 
 def run(run_dir: str | Path, config: DemoConfig | None = None, model_path: str | Path | None = None,
@@ -69,7 +72,7 @@ def run(run_dir: str | Path, config: DemoConfig | None = None, model_path: str |
     plan = Plan.load(saved) if saved.is_file() else None
     if plan is None or not plan.evidence.get("search"):  # none yet, or one of an earlier release's planner
         with console.status("2/4 plan: measuring decisions on the calibration records"):
-            composer = Composer(model, processor, calib)
+            composer = Composer(model, processor, calib, **config.compose)
             plan = composer.plan(kappa=config.kappa)
         plan.save(run_dir / "plan.json")
     saving = plan.evidence["flops_removed"]
@@ -81,7 +84,7 @@ def run(run_dir: str | Path, config: DemoConfig | None = None, model_path: str |
     plans = sweep.grid(model, config.step)
     encoded = sweep.speed_batch(model, processor, test)
     with console.status("3/4 planning skipit's and the baselines' plans at that budget"):
-        composer = composer or Composer(model, processor, calib)
+        composer = composer or Composer(model, processor, calib, **config.compose)
         plans |= sweep.compared_plans(model, processor, calib, analysis, encoded, [round(saving, 3)],
                                       composer=composer)  # fmt: skip
     plans.pop("skipit+composed", None)  # the demo's own plan, below
