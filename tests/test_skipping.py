@@ -72,6 +72,11 @@ OTHER_CAUSAL_LMS = ["qwen2", "qwen3", "gemma", "phi3", "smollm3"]  # model_type;
 GENERIC_VLMS = ["llava_onevision", "smolvlm", "internvl", "mistral3", "aya_vision"]
 VLMS = [*FAMILIES[1:], *GENERIC_VLMS, "qwen3_vl", "qwen3_vl_moe"]
 QWEN_VL = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
+# Causal LMs with sliding-window layers, the window small enough to cut keys in prefill and decoding: Gemma 2 (every
+# other layer), Gemma 3 (5 sliding, 1 full), Cohere2 (3 sliding, 1 full), Mistral (every layer), Qwen2 (layers from
+# max_window_layers on)
+WINDOW = 4
+SLIDING_LMS = ["gemma2", "gemma3_text", "cohere2", "mistral_sliding", "qwen2_sliding"]
 SIGLIP = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
 
 
@@ -93,6 +98,12 @@ def build(family: str):
         model = LlamaForCausalLM(LlamaConfig(**TEXT))
     elif family in OTHER_CAUSAL_LMS or family == "mistral":
         model = AutoModelForCausalLM.from_config(AutoConfig.for_model(family, **TEXT, head_dim=8))
+    elif family == "qwen2_sliding":  # sliding layers from layer 2 on, full attention below
+        config = Qwen2Config(**TEXT, use_sliding_window=True, sliding_window=WINDOW, max_window_layers=2)
+        model = AutoModelForCausalLM.from_config(config)
+    elif family in SLIDING_LMS:
+        config = AutoConfig.for_model(family.removesuffix("_sliding"), **TEXT, head_dim=8, sliding_window=WINDOW)
+        model = AutoModelForCausalLM.from_config(config)
     elif family == "llava":
         config = LlavaConfig(
             vision_config=CLIPVisionConfig(**CLIP, image_size=12), text_config=LlamaConfig(**TEXT), image_token_id=IMAGE
@@ -126,14 +137,17 @@ def build(family: str):
         config = InternVLConfig(vision_config=dict(SIGLIP, image_size=8, patch_size=2), text_config=Qwen2Config(**TEXT),
                                 image_token_id=IMAGE)  # fmt: skip
         model = InternVLForConditionalGeneration(config)
-    elif family == "mistral3":  # sliding window off, as in Mistral Small 3.1
+    elif family in ("mistral3", "mistral3_sliding"):  # sliding window off, as in Mistral Small 3.1, or on every layer
+        window = WINDOW if family.endswith("_sliding") else None
         config = Mistral3Config(
             vision_config=PixtralVisionConfig(**SIGLIP, image_size=16, patch_size=4, head_dim=8),
-            text_config=MistralConfig(**TEXT, sliding_window=None, head_dim=8), image_token_id=IMAGE,
+            text_config=MistralConfig(**TEXT, sliding_window=window, head_dim=8), image_token_id=IMAGE,
         )  # fmt: skip
         model = Mistral3ForConditionalGeneration(config)
-    elif family == "aya_vision":  # Cohere2 text with every layer full attention (no sliding window)
-        text = Cohere2Config(**TEXT, head_dim=8, layer_types=["full_attention"] * TEXT["num_hidden_layers"])
+    elif family in ("aya_vision", "aya_vision_sliding"):
+        # Cohere2 text with every layer full attention, or as released: 3 sliding layers, then a full one
+        kinds = None if family.endswith("_sliding") else ["full_attention"] * TEXT["num_hidden_layers"]
+        text = Cohere2Config(**TEXT, head_dim=8, layer_types=kinds, sliding_window=WINDOW)
         config = AyaVisionConfig(vision_config=SiglipVisionConfig(**SIGLIP, image_size=8, patch_size=2),
                                  text_config=text, image_token_id=IMAGE)  # fmt: skip
         model = AyaVisionForConditionalGeneration(config)
@@ -164,9 +178,14 @@ def build(family: str):
     return model.eval()
 
 
+def base(family: str) -> str:
+    """The family a test model variant belongs to ("llava_eager" -> "llava", "mistral3_sliding" -> "mistral3")."""
+    return family.removesuffix("_eager").removesuffix("_sliding")
+
+
 def make_inputs(family: str, batch: int) -> dict:
     """Left-padded prompts: text, one image (sizes differ per row where the family allows), text."""
-    model, family = build(family), family.removesuffix("_eager")
+    model, family = build(family), base(family)
     gen = torch.Generator().manual_seed(batch)
     rows, extra = [], {}
     if family == "llava":
@@ -222,7 +241,7 @@ def make_inputs(family: str, batch: int) -> dict:
 
 def with_positions(family: str, inputs: dict) -> dict:
     """The position ids generate() would use; Qwen computes its 3-D M-RoPE ids itself from the mask."""
-    if family in QWEN_VL:
+    if base(family) in QWEN_VL:
         return inputs
     return dict(inputs, position_ids=(inputs["attention_mask"].cumsum(-1) - 1).clamp(min=0))
 
@@ -230,7 +249,7 @@ def with_positions(family: str, inputs: dict) -> dict:
 def extend(family: str, inputs: dict, new_tokens: torch.Tensor) -> dict:
     out = dict(inputs, input_ids=torch.cat([inputs["input_ids"], new_tokens], 1))
     out["attention_mask"] = torch.cat([inputs["attention_mask"], torch.ones_like(new_tokens)], 1)
-    if family in QWEN_VL:
+    if base(family) in QWEN_VL:
         out["mm_token_type_ids"] = (out["input_ids"] == IMAGE).int()
     return out
 
@@ -247,33 +266,75 @@ class _Stop(Exception):
 
 
 def layer_inputs(model, inputs: dict):
-    """X_0 and the rotary (cos, sin) that an untouched forward feeds to decoder layer 0."""
+    """X_0 and the rotary (cos, sin) that an untouched forward feeds to the decoder layers: one pair when every layer
+    gets the same, else a list of pairs, one per layer (Gemma 3: local and global rotary)."""
     grabbed = {}
 
-    def grab(module, args, kwargs):
-        grabbed["x"] = args[0] if args else kwargs["hidden_states"]
-        grabbed["pe"] = kwargs["position_embeddings"]
-        raise _Stop
+    def grab(j):
+        def hook(module, args, kwargs):
+            if j == 0:
+                grabbed["x"] = args[0] if args else kwargs["hidden_states"]
+            grabbed[j] = kwargs["position_embeddings"]
 
-    handle = get_adapter(model).layers[0].register_forward_pre_hook(grab, with_kwargs=True)
+        return hook
+
+    layers = get_adapter(model).layers
+    handles = [layer.register_forward_pre_hook(grab(j), with_kwargs=True) for j, layer in enumerate(layers)]
     try:
         model(**inputs, use_cache=False)
-    except _Stop:
-        pass
     finally:
-        handle.remove()
-    return grabbed["x"], grabbed["pe"]
+        for handle in handles:
+            handle.remove()
+    pes = [grabbed[j] for j in range(len(layers))]
+    if all(torch.equal(a, b) for pe in pes for a, b in zip(pe, pes[0], strict=True)):
+        return grabbed["x"], pes[0]
+    return grabbed["x"], pes
 
 
-def causal(n: int) -> torch.Tensor:
-    return torch.ones(n, n, dtype=torch.bool).tril()[None, None]
+def row_positions(pe, b: int, columns: slice, keep: torch.Tensor):
+    """The (cos, sin) of row b's real tokens among `columns`, for one pair or a list of pairs (per layer)."""
+    if isinstance(pe, list):
+        return [row_positions(p, b, columns, keep) for p in pe]
+    return tuple(t[b if t.shape[0] > 1 else 0, columns][keep] for t in pe)
 
 
-def run_layer(layer, x, pe, rows):
-    """The layer on the tokens `rows` of one sequence x (n, D), causal among themselves, no cache."""
-    mask = causal(len(rows))
-    if layer.self_attn.config._attn_implementation == "eager":  # eager adds the mask to the scores
-        mask = torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min)
+def layer_window(layer) -> int | None:
+    """The sliding window the layer's attention uses (None: full attention), read off the attention module itself:
+    Gemma 2/3, Cohere2 and Qwen2 keep it per layer, Mistral and Phi-3 pass their config's to every layer."""
+    attention = layer.self_attn
+    if hasattr(attention, "sliding_window"):
+        return attention.sliding_window
+    return getattr(attention.config, "sliding_window", None)
+
+
+def reference_mask(rows: torch.Tensor, window: int | None = None, blocks: torch.Tensor | None = None,
+                   beside: bool = False) -> torch.Tensor:  # fmt: skip
+    """(1, 1, n, n) bool: which of the tokens `rows` (indices into one sequence of real tokens) each of them attends
+    to. Causal; within `window` (q - window < k <= q) in a sliding layer; tokens with the same block id >= 0 in
+    `blocks` (per token of the sequence) see each other both ways, inside the window (Gemma 3) or `beside` it
+    (PaliGemma)."""
+    q, k = rows[:, None], rows[None, :]
+    allowed = k <= q
+    inside = (k > q - window) if window is not None else torch.ones_like(allowed)
+    same = torch.zeros_like(allowed)
+    if blocks is not None:
+        b = blocks[rows]
+        same = (b[:, None] == b[None, :]) & (b[:, None] >= 0)
+    allowed = ((allowed & inside) | same) if beside else ((allowed | same) & inside)
+    return allowed[None, None]
+
+
+def additive(mask: torch.Tensor, layer) -> torch.Tensor:
+    """The mask as eager attention takes it (added to the scores) where the layer runs eager attention."""
+    if layer.self_attn.config._attn_implementation == "eager":
+        return torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min)
+    return mask
+
+
+def run_layer(layer, x, pe, rows, blocks=None, beside=False):
+    """The layer on the tokens `rows` of one sequence x (n, D), no cache, with the mask the model gives them
+    (`reference_mask`: causal, the layer's sliding window, bidirectional blocks)."""
+    mask = additive(reference_mask(rows, layer_window(layer), blocks, beside), layer)
     out = layer(
         x[rows][None], attention_mask=mask, position_embeddings=tuple(t[rows][None] for t in pe),
         position_ids=None, use_cache=False,
@@ -287,7 +348,8 @@ def last_token_attention(layer, x, pe, rows) -> torch.Tensor:
     attention, config = layer.self_attn, layer.self_attn.config
     previous, config._attn_implementation = config._attn_implementation, "eager"
     try:
-        mask = torch.zeros(causal(len(rows)).shape).masked_fill(~causal(len(rows)), torch.finfo(torch.float32).min)
+        mask = reference_mask(rows, layer_window(layer))
+        mask = torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min)
         _, weights = attention(
             hidden_states=layer.input_layernorm(x[rows])[None], attention_mask=mask,
             position_embeddings=tuple(t[rows][None] for t in pe),
@@ -344,23 +406,27 @@ def reference_divprune(x0, vision, share: float) -> torch.Tensor:
     return tokens[chosen]
 
 
-def reference_logits(model, plan: Plan, x0, pe, vision, kept=None, inject=None):
+def reference_logits(model, plan: Plan, x0, pe, vision, kept=None, inject=None, blocks=None, beside=False):
     """Logits of one sequence (its real tokens only) under `plan`, computed layer by layer from scratch, and the
     vision tokens pruning kept (pass them back in to continue a generation: they are chosen on the prompt).
 
-    inject[j] (n_vision, D), where given, is added to the vision tokens' states after layer j, whatever the layer did
-    with them (Qwen3-VL's DeepStack)."""
+    pe: the (cos, sin) of the sequence, or a list of them, one per layer. inject[j] (n_vision, D), where given, is
+    added to the vision tokens' states after layer j, whatever the layer did with them (Qwen3-VL's DeepStack).
+    blocks (n,), where given: the bidirectional block of each token (-1: none), see `reference_mask`."""
     adapter = get_adapter(model)
     x, n = x0.clone(), x0.shape[0]
     everyone, text = torch.arange(n), torch.nonzero(~vision)[:, 0]
     p, rank = plan.prune_vision_after, plan.prune_vision_rank
     choose = kept is None and vision.any() and "pruned" in plan.roles()
+    per_layer = pe
     for j, (layer, role) in enumerate(zip(adapter.layers, plan.roles(), strict=True)):
+        pe = per_layer[j] if isinstance(per_layer, list) else per_layer
+        run = functools.partial(run_layer, blocks=blocks, beside=beside)
         if choose and rank == "attention" and j == p:  # FastV: rank by the last token
             scores = last_token_attention(layer, x, pe, everyone)
             tokens = torch.nonzero(vision)[:, 0]
             count = math.ceil(len(tokens) * plan.prune_vision_keep)
-            kept = tokens[scores[tokens].argsort(descending=True)[:count]]
+            kept = tokens[scores[tokens].argsort(descending=True, stable=True)[:count]]  # ties: earliest
         if choose and rank == "dart" and j == p:  # DART's pivots: L1 norm of this layer's keys, all heads
             key_norms = layer_keys(layer, x, pe).abs().sum((0, 2))
         if choose and rank == "dart" and j == p + 1:  # X_{p+1}, what this layer reads, through the final norm
@@ -368,17 +434,22 @@ def reference_logits(model, plan: Plan, x0, pe, vision, kept=None, inject=None):
         if choose and rank == "divprune" and j == 0:
             kept = reference_divprune(x, vision, plan.prune_vision_keep)
         if role == "all":
-            x[everyone] = run_layer(layer, x, pe, everyone)
+            x[everyone] = run(layer, x, pe, everyone)
         elif role == "absent":  # vision tokens are not in this layer's sequence at all
-            x[text] = run_layer(layer, x, pe, text)
+            x[text] = run(layer, x, pe, text)
         elif role == "frozen":  # vision tokens are keys/values here, but keep their state
-            x[text] = run_layer(layer, x, pe, everyone)[text]
+            x[text] = run(layer, x, pe, everyone)[text]
         elif role == "pruned":  # only the kept vision tokens are in this layer's sequence
             rows = torch.cat([text, kept]).sort().values if kept is not None else text
-            x[rows] = run_layer(layer, x, pe, rows)
+            x[rows] = run(layer, x, pe, rows)
         if inject is not None and j < len(inject):
             x[vision] = x[vision] + inject[j]
-    return adapter.lm_head(adapter.final_norm(x)), kept
+    logits = adapter.lm_head(adapter.final_norm(x))
+    if cap := getattr(adapter.backbone.config, "final_logit_softcapping", None):  # Gemma 2
+        logits = torch.tanh(logits / cap) * cap
+    if isinstance(scale := getattr(model, "logit_scale", None), float):  # Cohere2's causal LM
+        logits = logits * scale
+    return logits, kept
 
 
 def reference_run(model, plan, family, full: dict, width: int, steps: int):
@@ -388,14 +459,13 @@ def reference_run(model, plan, family, full: dict, width: int, steps: int):
     columns; every step recomputes the whole prefix from X_0.
     """
     x0, pe = layer_inputs(model, with_positions(family, full))  # X_0 and positions of a token ignore later ones
-    pe = tuple(t.expand(x0.shape[0], *t.shape[1:]) for t in pe)
-    vision = (full["input_ids"] == IMAGE) & (family.removesuffix("_eager") in VLMS)
+    vision = (full["input_ids"] == IMAGE) & (base(family) in VLMS)
     prompts, decoded = [], torch.zeros(steps, x0.shape[0], VOCAB)
     for b in range(x0.shape[0]):
         kept = None
         for s in range(steps):
             keep = full["attention_mask"][b, : width + s].bool()
-            pe_b = tuple(t[b, : width + s][keep] for t in pe)
+            pe_b = row_positions(pe, b, slice(0, width + s), keep)
             logits, kept = reference_logits(
                 model, plan, x0[b, : width + s][keep], pe_b, vision[b, : width + s][keep], kept
             )  # fmt: skip
@@ -472,10 +542,48 @@ def test_other_causal_lms_match_reference(family):
     assert changed > 1e-2
 
 
-def test_sliding_window_models_are_refused():
-    model = build("mistral")  # sliding_window=4096 by default: its cache drops keys the plan's masks would count
-    with pytest.raises(SkipitError, match="sliding-window"):
+@pytest.mark.parametrize("family", SLIDING_LMS)
+def test_sliding_window_lms_match_reference(family):
+    """Sliding-window layers: the window counts original positions, whatever the plan removed (prefill and decoding
+    both outrun the window: prompts of 5-8 tokens, 20 steps, window 4)."""
+    model, inputs = build(family), make_inputs(family, 4)
+    windows = get_adapter(model).windows
+    assert WINDOW in windows and (None in windows) == (family not in ("mistral_sliding",))
+    assert inputs["attention_mask"].sum(1).min() > WINDOW
+    assert check_against_reference(family, Plan.for_model(model, skip_layers=[1, 4]), inputs) > 1e-2
+
+
+@pytest.mark.parametrize("family", SLIDING_LMS)
+def test_empty_plan_changes_nothing_with_sliding_windows(family):
+    test_empty_plan_changes_nothing(family, 4)
+
+
+def test_sliding_layers_keep_every_key_under_a_plan():
+    """transformers' sliding cache layer keeps the last window - 1 keys by count; under a plan it keeps them all (the
+    mask applies the window on original positions). A cache whose sliding layers were filled without the plan is
+    refused."""
+    model, inputs = build("gemma3_text"), make_inputs("gemma3_text", 2)
+    width = inputs["input_ids"].shape[1]
+    with torch.no_grad():
         apply_plan(model, Plan.for_model(model, skip_layers=[1]))
+        try:
+            cache = compat.output_cache(generate(model, inputs, steps=5))
+        finally:
+            remove_plan(model)
+        assert not any(cache.is_sliding)
+        lengths = [layer.keys.shape[2] if layer.is_initialized else None for layer in cache.layers]
+        assert lengths == [width + 4, None] + [width + 4] * 4
+        out = model(**with_positions("gemma3_text", inputs), use_cache=True)  # no plan: sliding layers drop keys
+        cache = compat.output_cache(out)
+        assert any(cache.is_sliding)
+        apply_plan(model, Plan.for_model(model, skip_layers=[1]))
+        try:
+            step = {"input_ids": out.logits[:, -1:].argmax(-1), "position_ids": torch.full((2, 1), width),
+                    "attention_mask": torch.ones(2, width + 1, dtype=torch.long), compat.CACHE_KWARG: cache}
+            with pytest.raises(SkipitError, match="sliding-window layer 0 was filled without it"):
+                model(**step)
+        finally:
+            remove_plan(model)
 
 
 @pytest.mark.parametrize("name", ["combined-absent", "combined-frozen"])

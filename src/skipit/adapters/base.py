@@ -15,8 +15,13 @@ sections are recombined inside its rotary module (`models/qwen2_vl/modeling_qwen
 `Qwen2VLRotaryEmbedding.forward`). Slicing cos/sin along the token axis therefore keeps every token's original
 position, and `take_positions` is the one place to override for a family that lays them out differently.
 
-What the engine cannot reproduce is found here too (`plan_refusal`): layer kinds other than full attention
-(sliding windows, chunked or linear attention), bidirectional image masks (`token_type_ids`), rotary that is not a
+Masks: the engine builds each layer's mask itself, on original sequence indices, for the tokens the layer processes.
+What it needs to know per layer is read here: its sliding window (`windows`, as transformers reads the config to
+build its sliding masks and caches) and, for families whose mask lets some tokens attend to each other
+bidirectionally (`token_type_ids`), the blocks of such tokens (`blocks`, defined by a subclass).
+
+What the engine cannot reproduce is found here too (`plan_refusal`): layer kinds other than full and sliding-window
+attention (chunked or linear attention), bidirectional masks a family adapter does not define, rotary that is not a
 real (cos, sin) pair.
 """
 
@@ -34,9 +39,9 @@ from skipit.errors import SkipitError
 # Attention classes whose keys and values skipit computes by itself (pre-attention norm, k/v projections, rotary on
 # the keys, as their forward does), so that frozen vision tokens cost the k and v projections only; any other class
 # runs its whole attention on them and the output is thrown away. Each was read against LlamaAttention's forward:
-# Qwen2 differs only by projection biases (in the Linear modules) and a sliding window (refused when set), Mistral
-# only by the sliding window, Qwen3 and Qwen3-VL by a per-head RMSNorm of queries and keys (`q_norm`, `k_norm`,
-# applied before the heads are transposed, as `_heads` does).
+# Qwen2 differs only by projection biases (in the Linear modules) and a sliding window (a matter of the mask, which
+# the engine builds), Mistral only by the sliding window, Qwen3 and Qwen3-VL by a per-head RMSNorm of queries and
+# keys (`q_norm`, `k_norm`, applied before the heads are transposed, as `_heads` does).
 KEYS_VALUES_ONLY = frozenset({
     "LlamaAttention", "Qwen2VLAttention", "Qwen2_5_VLAttention", "Qwen2Attention", "MistralAttention",
     "Qwen3Attention", "Qwen3VLTextAttention", "Qwen3VLMoeTextAttention",
@@ -49,10 +54,12 @@ BACKBONE_PATHS = ("model.language_model", "model.text_model", "model", "language
 IMAGE_TOKEN_NAMES = ("image_token_id", "image_token_index")
 VIDEO_TOKEN_NAMES = ("video_token_id", "video_token_index")
 
-# Layer kinds (the text config's `layer_types`) the engine cannot run on a token subset, and why.
+# Layer kinds (the text config's `layer_types`) the engine can run on a token subset: their masks are built on
+# original sequence indices (a sliding layer's query at index q sees keys at indices k with q - window < k <= q, as
+# transformers' `sliding_window_overlay`).
+SERVED_KINDS = ("full_attention", "sliding_attention")
+# Layer kinds the engine cannot run on a token subset, and why.
 LAYER_KINDS = {
-    "sliding_attention": "sliding-window attention layers (their cache drops old keys by count, and their masks "
-                         "count positions the plan removed)",
     "chunked_attention": "chunked attention layers (their masks and cache work on fixed position chunks)",
     "linear_attention": "hybrid linear-attention layers (a recurrent state over every token, not per-token keys)",
 }
@@ -78,6 +85,13 @@ def layer_types(config) -> list[str]:
     if getattr(config, "attention_chunk_size", None) is not None:
         return ["chunked_attention"] * n
     return ["full_attention"] * n
+
+
+def sliding_windows(config) -> list[int | None]:
+    """Each decoder layer's sliding window (None: full attention), as transformers builds its masks: every
+    "sliding_attention" layer of `layer_types` gets the config's `sliding_window`."""
+    window = getattr(config, "sliding_window", None)
+    return [window if kind == "sliding_attention" else None for kind in layer_types(config)]
 
 
 class Adapter:
@@ -162,15 +176,40 @@ class Adapter:
     def vision_token_ids(self) -> list[int]:
         return list(self._vision_ids)
 
+    @property
+    def windows(self) -> list[int | None]:
+        """Each decoder layer's sliding window, or None for full attention (see `sliding_windows`)."""
+        return sliding_windows(self.backbone.config)
+
+    # Whether this adapter reproduces the bidirectional blocks the model's mask builds from `token_type_ids` (see
+    # `blocks`); the generic adapter does not, so a VLM whose forward takes them is refused.
+    bidirectional_blocks = False
+
+    def blocks(self, inputs: dict, first_call: bool) -> torch.Tensor | None:
+        """(batch, seq) block ids of the current call's tokens, -1 outside any block: two tokens of the same block
+        attend to each other whatever their order. None when the call has none. `first_call`: the cache held nothing
+        before this call. Defined by the families whose mask has such blocks."""
+        return None
+
+    # How a block combines with a sliding window: "inside" (a pair of the same block still needs to be within the
+    # window, as Gemma 3) or "beside" (a pair of the same block attends whatever the window, as PaliGemma 2).
+    blocks_and_window = "inside"
+
     def plan_refusal(self) -> str | None:
         """Why a non-empty skip plan cannot run exactly on this model (one clause), or None."""
-        kinds = layer_types(self.backbone.config)
+        config = self.backbone.config
+        kinds = layer_types(config)
         for kind in dict.fromkeys(kinds):
-            if kind != "full_attention":
+            if kind not in SERVED_KINDS:
                 layers = [j for j, k in enumerate(kinds) if k == kind]
-                why = LAYER_KINDS.get(kind, f"{kind!r} layers (only full attention is supported)")
+                why = LAYER_KINDS.get(kind, f"{kind!r} layers (only full and sliding-window attention are supported)")
                 return f"it has {why}: layers {layers}"
-        if "token_type_ids" in inspect.signature(self.model.forward).parameters and self._vision_ids:
+        if "sliding_attention" in kinds and not isinstance(getattr(config, "sliding_window", None), int):
+            return f"it has sliding-window layers without an integer sliding_window ({config.sliding_window!r})"
+        if not getattr(config, "is_causal", True) or getattr(config, "use_bidirectional_attention", False):
+            return "its text model attends bidirectionally (is_causal=False or use_bidirectional_attention)"
+        if ("token_type_ids" in inspect.signature(self.model.forward).parameters and self._vision_ids
+                and not self.bidirectional_blocks):  # fmt: skip
             return ("its image tokens attend to each other bidirectionally (token_type_ids), a mask skip plans do "
                     "not reproduce")
         return None
@@ -243,9 +282,11 @@ class Adapter:
             )
 
     def last_query_attention(self, layer: nn.Module, hidden: torch.Tensor, position_embeddings, valid: torch.Tensor,
-                             last: torch.Tensor) -> torch.Tensor:  # fmt: skip
+                             last: torch.Tensor, window: int | None = None) -> torch.Tensor:  # fmt: skip
         """The attention weights (batch, seq) of each row's token `last` on the tokens of `hidden`, mean over heads,
-        as `layer` computes them from its input `hidden` (what FastV ranks vision tokens by); `valid` masks padding.
+        as `layer` computes them from its input `hidden` (what FastV ranks vision tokens by); `valid` masks padding,
+        `window` is the layer's sliding window (None: full attention). `last` is a text token: no bidirectional block
+        reaches it.
 
         Computed from the pre-attention norm, q/k projections and rotary, as the attention classes in
         `KEYS_VALUES_ONLY` do; so the layer itself keeps running under SDPA, which does not return weights.
@@ -265,5 +306,7 @@ class Adapter:
         scores = torch.einsum("bgqd,bgkd->bgqk", query.float(), keys.float()) * attention.scaling
         seq = torch.arange(hidden.shape[1], device=hidden.device)
         allowed = valid & (seq[None] <= last[:, None])
+        if window is not None:
+            allowed &= seq[None] > last[:, None] - window
         scores = scores.masked_fill(~allowed[:, None, None], float("-inf"))
         return scores.softmax(-1).mean((1, 2))

@@ -7,9 +7,11 @@ tokens pruning kept, or text attending to frozen vision keys); every token keeps
 per-forward bookkeeping (token subsets, cached key slots, masks) is in `state.py`; the hooks on the model's forward
 and the public API in `model.py`. An empty plan passes every call straight to the original layers.
 
-Supported: `DynamicCache` (what `generate()` uses), SDPA or eager attention, greedy/sampling/batched generation.
-Not supported under a plan: static/sliding-window caches, flash attention, continuing from a cache without passing
-the full attention mask, `output_hidden_states` (the wrapped layers see token subsets).
+Supported: `DynamicCache` (what `generate()` uses), SDPA or eager attention, greedy/sampling/batched generation,
+sliding-window layers (their masks are built on original positions; their cache layers keep every key they process)
+and the bidirectional blocks of the families whose adapter defines them.
+Not supported under a plan: static caches, flash attention, continuing from a cache without passing the full
+attention mask, `output_hidden_states` (the wrapped layers see token subsets).
 """
 
 from skipit.skipping.layer import SkipLayer

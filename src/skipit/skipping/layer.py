@@ -26,11 +26,13 @@ class SkipLayer(nn.Module):
     """
 
     def __init__(self, base_layer: nn.Module, role: str, runtime: PlanRuntime, last: bool = False,
-                 ranks: str | None = None):  # fmt: skip
+                 ranks: str | None = None, window: int | None = None):  # fmt: skip
         super().__init__()
         self.base_layer = base_layer
         self.role = role
         self.runtime = runtime
+        # the layer's sliding window (None: full attention); its masks are built for it on original indices
+        self.window = window
         # the backbone's last layer hands the full sequence to the final norm; so does a layer whose output the
         # model edits before the next layer (Qwen3-VL's deepstack injection, `Adapter.injected_after`)
         self.last = last
@@ -47,7 +49,8 @@ class SkipLayer(nn.Module):
             return getattr(self.base_layer, name)
 
     def extra_repr(self) -> str:
-        return f"role={self.role!r}" + (f", ranks={self.ranks!r}" if self.ranks else "")
+        return (f"role={self.role!r}" + (f", ranks={self.ranks!r}" if self.ranks else "")
+                + (f", window={self.window}" if self.window is not None else ""))  # fmt: skip
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self.runtime.passthrough:  # an empty plan changes nothing: no bookkeeping at all
@@ -75,7 +78,7 @@ class SkipLayer(nn.Module):
         if self.ranks is not None:
             hidden_states = step.expand(hidden_states)
             if self.ranks == "attention":
-                step.rank_vision(self.base_layer, hidden_states, kwargs["position_embeddings"])
+                step.rank_vision(self.base_layer, hidden_states, kwargs["position_embeddings"], self.window)
             elif self.ranks == "keys":
                 step.note_keys(self.base_layer, hidden_states, kwargs["position_embeddings"])
             else:
@@ -87,7 +90,7 @@ class SkipLayer(nn.Module):
                 continue
             # transformers computed (cos, sin) and the mask for the whole sequence: this run gets its own
             pe = run.positions(kwargs["position_embeddings"], adapter)
-            kw = {**kwargs, "attention_mask": run.mask, "position_embeddings": pe}
+            kw = {**kwargs, "attention_mask": run.mask(self.window), "position_embeddings": pe}
             if run.take is None:
                 hidden_states = self.base_layer(step.expand(hidden_states), **kw)
             elif run.attention_only:  # frozen vision tokens: cache their keys/values, keep their states

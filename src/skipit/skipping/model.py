@@ -9,6 +9,7 @@ import weakref
 import torch
 from torch import nn
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from skipit import compat
 from skipit.adapters import Adapter, family_refusal, get_adapter
@@ -64,7 +65,10 @@ class PlanRuntime:
         if state is not None:
             self.check_cache(cache, state)
         # vision tokens: the family's image/video placeholder ids, in a call that carries pixels
-        self.call = ForwardCall(self.adapter.vision_mask(inputs.get("input_ids"), inputs), mask)
+        vision = self.adapter.vision_mask(inputs.get("input_ids"), inputs)
+        # bidirectional blocks of the model's mask (token_type_ids), for the families whose adapter defines them
+        first = cache is None or cache.get_seq_length() == 0
+        self.call = ForwardCall(vision, mask, self.adapter.blocks(inputs, first))
         self._step = None
 
     def check_cache(self, cache, state: CacheState) -> None:
@@ -99,12 +103,32 @@ class PlanRuntime:
         if cache is None:
             return CacheState()
         if cache not in self.states:
-            if not isinstance(cache, DynamicCache) or any(cache.is_sliding):
-                raise SkipitError(
-                    f"skip plans need a DynamicCache without sliding-window layers, got a {type(cache).__name__}"
-                )
+            if not isinstance(cache, DynamicCache):
+                raise SkipitError(f"skip plans need a DynamicCache, got a {type(cache).__name__}")
+            keep_all_keys(cache)
             self.states[cache] = CacheState()
         return self.states[cache]
+
+
+def keep_all_keys(cache: DynamicCache) -> None:
+    """Make the sliding-window layers of a fresh `cache` keep every key their layer processes.
+
+    transformers' sliding cache layer (`DynamicSlidingWindowLayer`) keeps the last `sliding_window - 1` keys by count,
+    which is the window only when the layer caches every token in order. Under a plan a layer caches a subset, with
+    padding slots for ragged rows and frozen vision keys ahead of the text, so counting slots would drop keys still
+    inside the window. These layers become full `DynamicLayer`s, and the window is applied by the mask, on original
+    sequence indices (what transformers' own mask does over a full cache). A cache whose sliding layers already hold
+    keys (filled without the plan) is refused.
+    """
+    for j, layer in enumerate(cache.layers):
+        if not getattr(layer, "is_sliding", False):
+            continue
+        if layer.is_initialized:
+            raise SkipitError(
+                f"a skip plan cannot continue a cache whose sliding-window layer {j} was filled without it "
+                "(it has dropped keys by count): start from an empty cache"
+            )
+        cache.layers[j] = DynamicLayer()
 
 
 def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
@@ -130,7 +154,7 @@ def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
     for j, role in enumerate(plan.roles()):
         # a layer whose output the model edits before the next layer (an injection) hands on the whole sequence
         whole = j == len(layers) - 1 or j in adapter.injected_after
-        layers[j] = SkipLayer(layers[j], role, runtime, last=whole, ranks=ranks_at(plan, j))
+        layers[j] = SkipLayer(layers[j], role, runtime, last=whole, ranks=ranks_at(plan, j), window=adapter.windows[j])
     runtime.hooks = [
         model.register_forward_pre_hook(runtime.before_forward, with_kwargs=True),
         model.register_forward_hook(runtime.after_forward, always_call=True),
@@ -144,9 +168,12 @@ def _check_supported(model: nn.Module, adapter: Adapter, plan: Plan) -> None:
     name = type(model).__name__
     if why := family_refusal(adapter):
         raise SkipitError(f"skip plans are not supported on {name}: {why}")
-    if any(DynamicCache(config=model.config).is_sliding):  # transformers' own reading of the config
+    windows = [getattr(layer, "sliding_window", None) if getattr(layer, "is_sliding", False) else None
+               for layer in DynamicCache(config=model.config).layers]  # transformers' own reading of the config
+    if any(windows) and windows != adapter.windows:
         raise SkipitError(
-            f"{name} has sliding-window attention layers, which skip plans do not support (their cache drops old keys)"
+            f"{name}'s sliding windows per layer {windows} (its cache) differ from those of its layer types "
+            f"{adapter.windows}: skip plans cannot tell which mask each layer uses"
         )
     if plan.prune_vision_after is not None and plan.prune_vision_rank in ("attention", "dart"):
         # FastV's weights and DART's keys are computed beside the layer, from its own projections

@@ -26,26 +26,35 @@ def scatter_tokens(x: torch.Tensor, index: torch.Tensor, values: torch.Tensor) -
 
 
 class ForwardCall:
-    """What the model's forward was called with that the layers need: vision positions and the 2-D attention mask."""
+    """What the model's forward was called with that the layers need: vision positions, the 2-D attention mask and
+    the bidirectional blocks of the model's mask (`Adapter.blocks`)."""
 
-    def __init__(self, vision: torch.Tensor | None, attention_mask: torch.Tensor | None):
-        self.vision, self.attention_mask = vision, attention_mask
+    def __init__(self, vision: torch.Tensor | None, attention_mask: torch.Tensor | None,
+                 blocks: torch.Tensor | None = None):  # fmt: skip
+        self.vision, self.attention_mask, self.blocks = vision, attention_mask, blocks
 
 
 class CachedKeys:
     """What one group of layers (same role, so same cached tokens) holds in its caches, one entry per key slot.
 
-    A layer caches only the tokens it processes, so its keys are not the sequence: causality and padding are read
-    from each slot's original sequence index and validity, kept here across forward calls.
+    A layer caches only the tokens it processes, so its keys are not the sequence: causality, sliding windows,
+    padding and bidirectional blocks are read from each slot's original sequence index, validity and block id, kept
+    here across forward calls.
     """
 
     def __init__(self):
         self.index = self.valid = None  # (batch, keys): original sequence index, and whether a real token
+        self.block = None  # (batch, keys): bidirectional block id (-1: none), once a call has brought blocks
         self.dense = True  # no invalid slot so far
 
-    def add(self, index: torch.Tensor, valid: torch.Tensor, dense: bool) -> int:
+    def add(self, index: torch.Tensor, valid: torch.Tensor, dense: bool, block: torch.Tensor | None = None) -> int:
         """Append slots; returns how many were there before."""
         before = 0 if self.index is None else self.index.shape[1]
+        if block is not None and self.block is None:
+            self.block = torch.full((index.shape[0], before), -1, dtype=torch.long, device=index.device)
+        if self.block is not None:
+            block = torch.full_like(index, -1) if block is None else block
+            self.block = torch.cat([self.block, block], 1)
         self.index = index if self.index is None else torch.cat([self.index, index], 1)
         self.valid = valid if self.valid is None else torch.cat([self.valid, valid], 1)
         self.dense = self.dense and dense
@@ -63,13 +72,23 @@ class CacheState:
 class LayerRun:
     """One run of a layer (or of its attention only) on a subset of the current tokens."""
 
-    def __init__(self, take, keep, mask, size, attention_only=False):
+    def __init__(self, take, keep, size, masks=None, attention_only=False):
         self.take = take  # (batch, n) token indices in the current call, or None: all tokens in order
         self.keep = keep  # (batch, n) False at padding slots of ragged rows, or None: no padding slot
-        self.mask = mask
         self.size = size
         self.attention_only = attention_only
+        self._masks = masks  # window -> the mask of this run's queries for layers with that sliding window
+        self._built = {}
         self._pe = None
+
+    def mask(self, window: int | None):
+        """The attention mask of this run's queries on the group's cached keys, in a layer with sliding window
+        `window` (None: full attention); built once per window."""
+        if self._masks is None:
+            return None
+        if window not in self._built:
+            self._built[window] = self._masks(window)
+        return self._built[window]
 
     def positions(self, position_embeddings, adapter: Adapter):
         """The rotary (cos, sin) of exactly this run's tokens, so each keeps its original position (M-RoPE too)."""
@@ -102,6 +121,10 @@ class ForwardStep:
             self.all_valid = bool(self.valid.all())
         vision = call.vision
         self.vision = vision.to(self.device) if vision is not None and bool(vision.any()) else None
+        blocks = call.blocks
+        if blocks is not None and blocks.shape != (B, T):
+            raise SkipitError(f"token_type_ids of shape {tuple(blocks.shape)} do not match the call's {(B, T)} tokens")
+        self.blocks = blocks.to(self.device) if blocks is not None and bool((blocks >= 0).any()) else None
         state.seen += T
         self._runs, self._selections = {}, {}
         self._scratch = None
@@ -143,15 +166,17 @@ class ForwardStep:
             self._scratch = DynamicCache()
         return self._scratch
 
-    def rank_vision(self, layer: nn.Module, hidden: torch.Tensor, position_embeddings) -> None:
+    def rank_vision(self, layer: nn.Module, hidden: torch.Tensor, position_embeddings,
+                    window: int | None = None) -> None:  # fmt: skip
         """Keep, in each row, the share `prune_vision_keep` (rounded up) of its vision tokens that the row's last
-        real token attends to most in `layer`, whose input is `hidden` (the whole sequence)."""
+        real token attends to most in `layer` (sliding window `window`), whose input is `hidden` (the whole
+        sequence)."""
         if self.vision is None or self.kept is not None:
             return
         last = answer_index(self.valid)
         # FastV-style: ranked once, in the call that carries the vision tokens, by weights computed beside the
         # layer (`Adapter.last_query_attention`), so the layer itself keeps running under SDPA.
-        weights = self.adapter.last_query_attention(layer, hidden, position_embeddings, self.valid, last)
+        weights = self.adapter.last_query_attention(layer, hidden, position_embeddings, self.valid, last, window)
         weights = weights.masked_fill(~self.vision, -1.0)
         counts = torch.ceil(self.vision.sum(1) * self.plan.prune_vision_keep).long()
         # rank of each token by weight (stable: ties keep sequence order); non-vision tokens rank last
@@ -198,8 +223,8 @@ class ForwardStep:
         return [vision, self._layer_run(keys, "text", ordered=False)]
 
     def _select(self, name: str):
-        """(take, keep, index, valid) of the text, the vision or the text and kept vision tokens; the same objects
-        for every role."""
+        """(take, keep, index, valid, block) of the text, the vision or the text and kept vision tokens; the same
+        objects for every role."""
         if name not in self._selections:
             select = self.vision if name == "vision" else ~self.vision
             if name == "kept":
@@ -212,40 +237,71 @@ class ForwardStep:
             keep = select.gather(1, take)
             keep = None if bool((counts == n).all()) else keep
             index, valid = self.index.gather(1, take), self.valid.gather(1, take)
+            block = None if self.blocks is None else self.blocks.gather(1, take)
             if keep is not None:
                 valid = valid & keep
-            self._selections[name] = take, keep, index, valid
+                block = None if block is None else block.masked_fill(~keep, -1)
+            self._selections[name] = take, keep, index, valid, block
         return self._selections[name]
 
     def _layer_run(self, keys: CachedKeys, select: str | None, ordered: bool,
                    attention_only: bool = False) -> LayerRun:  # fmt: skip
-        """Slots for the tokens in `select` (None: all), appended to `keys`, with the mask their queries need."""
+        """Slots for the tokens in `select` (None: all), appended to `keys`, with the masks their queries need."""
         if select is None:
-            take, keep, index, valid = None, None, self.index, self.valid
+            take, keep, index, valid, block = None, None, self.index, self.valid, self.blocks
         else:
-            take, keep, index, valid = self._select(select)
+            take, keep, index, valid, block = self._select(select)
         size = index.shape[1]
         dense = self.all_valid and keep is None
-        before = keys.add(index, valid, dense)
-        mask = None if attention_only else self._mask(keys, before, index, ordered)
-        return LayerRun(take, keep, mask, size, attention_only)
+        before = keys.add(index, valid, dense, block)
+        if attention_only:
+            return LayerRun(take, keep, size, attention_only=True)
+        # the slots cached so far (later runs of this call append more, which these queries do not see)
+        k_index, k_valid, k_block, k_dense = keys.index, keys.valid, keys.block, keys.dense
 
-    def _mask(self, keys: CachedKeys, before: int, q_index: torch.Tensor, ordered: bool):
-        """The attention mask of queries at original indices `q_index` on every key the group has cached.
+        def masks(window):
+            return self._mask(k_index, k_valid, k_block, k_dense, before, index, block, ordered, window)
 
-        Built here, once per group of layers that cache the same tokens, since transformers' mask assumes the
-        layer sees the whole sequence: causality compares original sequence indices, and invalid slots (left
-        padding, padding slots of ragged subsets) are masked out.
+        return LayerRun(take, keep, size, masks)
+
+    def _mask(self, k_index: torch.Tensor, k_valid: torch.Tensor, k_block: torch.Tensor | None, dense: bool,
+              before: int, q_index: torch.Tensor, q_block: torch.Tensor | None, ordered: bool,
+              window: int | None):  # fmt: skip
+        """The attention mask of queries at original indices `q_index` on the keys at `k_index` (every key the group
+        has cached), in a layer with sliding window `window` (None: full attention).
+
+        Built here, once per group of layers that cache the same tokens and per window, since transformers' masks
+        assume the layer sees the whole sequence. A query at index q sees a key at index k when k <= q and, in a
+        sliding layer, k > q - window (transformers' `sliding_window_overlay`); two tokens of the same bidirectional
+        block see each other whatever their order, within the window or beside it as the family's mask does
+        (`Adapter.blocks_and_window`). Invalid slots (left padding, padding slots of ragged subsets) are masked out.
         """
         n = q_index.shape[1]
         sdpa = self.adapter.attn_implementation == "sdpa"
+        bidirectional = q_block is not None and bool((q_block >= 0).any())
+        # whether the window leaves out any key of any query (conservatively: the farthest pair)
+        cuts = window is not None and int(q_index.max()) - int(k_index.min()) >= window
         # No mask where SDPA's own handling is exact: one query that may see every key, or a plain causal prefill.
-        if keys.dense and (n == 1 or (sdpa and ordered and before == 0)):
+        if dense and not bidirectional and not cuts and (n == 1 or (sdpa and ordered and before == 0)):
             return None
-        allowed = keys.valid[:, None, :] & (keys.index[:, None, :] <= q_index[:, :, None])
+        q, k = q_index[:, :, None], k_index[:, None, :]
+        allowed = k <= q
+        same = None
+        if bidirectional:
+            if k_block is None:
+                k_block = torch.full_like(k_index, -1)
+            same = (k_block[:, None, :] == q_block[:, :, None]) & (q_block[:, :, None] >= 0)
+        if window is not None and same is not None and self.adapter.blocks_and_window == "beside":
+            allowed = (allowed & (k > q - window)) | same
+        else:
+            if same is not None:
+                allowed = allowed | same
+            if window is not None:
+                allowed = allowed & (k > q - window)
+        allowed = allowed & k_valid[:, None, :]
         # A query always sees its own key: keeps padding queries finite (a fully masked row gives NaN in SDPA).
-        q = torch.arange(n, device=self.device)
-        allowed[:, q, before + q] = True
+        rows = torch.arange(n, device=self.device)
+        allowed[:, rows, before + rows] = True
         allowed = allowed[:, None]
         if sdpa:
             return allowed
