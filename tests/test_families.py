@@ -14,8 +14,6 @@ from test_skipping import GENERIC_VLMS, IMAGE, PLANS, TEXT, build, make_inputs, 
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
-    Gemma3Config,
-    Gemma3ForConditionalGeneration,
     GemmaConfig,
     GPT2Config,
     GPT2LMHeadModel,
@@ -39,6 +37,9 @@ NEW_FAMILIES = [*GENERIC_VLMS, *DEEPSTACK]
 # VLMs whose text layers have sliding windows (ts.WINDOW tokens, so that the window cuts in prefill and decoding):
 # Mistral3 with a window on every layer, Aya Vision as released (Cohere2: 3 sliding layers, then a full one)
 SLIDING_VLMS = ["mistral3_sliding", "aya_vision_sliding"]
+# Gemma 3: each image's tokens attend to each other both ways (token_type_ids), in sliding (window 3) and full layers;
+# rows with one image or two (two blocks)
+BLOCKS = ["gemma3"]
 NAMES = {"llava_onevision": "LLaVA-OneVision", "smolvlm": "SmolVLM", "internvl": "InternVL", "mistral3": "Mistral3",
          "aya_vision": "Aya Vision", "qwen3_vl": "Qwen3-VL", "qwen3_vl_moe": "Qwen3-VL"}  # fmt: skip
 STEPS = 8
@@ -115,13 +116,13 @@ def test_one_registry_for_loading_and_adapters():
         assert build(family).config.model_type in types
 
 
-@pytest.mark.parametrize("family", [*NEW_FAMILIES, *SLIDING_VLMS])
+@pytest.mark.parametrize("family", [*NEW_FAMILIES, *SLIDING_VLMS, *BLOCKS])
 def test_empty_plan_changes_nothing(family):
     ts.test_empty_plan_changes_nothing(family, 4)
 
 
 @pytest.mark.parametrize("name", list(PLANS))
-@pytest.mark.parametrize("family", [*NEW_FAMILIES, *SLIDING_VLMS])
+@pytest.mark.parametrize("family", [*NEW_FAMILIES, *SLIDING_VLMS, *BLOCKS])
 def test_plan_matches_reference(family, name, monkeypatch):
     model = build(family)
     plan = Plan.for_model(model, **PLANS[name])
@@ -143,7 +144,7 @@ def _native_layer(model) -> int:
     return next(j for j in range(2, len(kinds)) if kinds.index(kinds[j]) != j)
 
 
-@pytest.mark.parametrize("family", [*NEW_FAMILIES, *SLIDING_VLMS, *ts.SLIDING_LMS])
+@pytest.mark.parametrize("family", [*NEW_FAMILIES, *SLIDING_VLMS, *BLOCKS, *ts.SLIDING_LMS])
 def test_skipping_a_layer_equals_an_identity_layer(family, monkeypatch):
     """Native check: no reference of ours, the model's own masks (sliding windows included), positions (M-RoPE) and
     injections (DeepStack)."""
@@ -182,12 +183,31 @@ def _refused(model, match: str):
     remove_plan(model)
 
 
-def test_gemma3_is_refused_for_its_bidirectional_image_mask():
-    torch.manual_seed(0)
-    text = dict(TEXT, head_dim=8, layer_types=["full_attention"] * TEXT["num_hidden_layers"])
-    model = Gemma3ForConditionalGeneration(Gemma3Config(text_config=text, vision_config=_siglip(),
-                                                        image_token_id=ts.IMAGE, mm_tokens_per_image=4))  # fmt: skip
-    _refused(model, "Gemma3ForConditionalGeneration: image tokens attend to each other bidirectionally")
+def test_gemma3_without_token_type_ids_is_causal(monkeypatch):
+    """Without token_type_ids Gemma 3's mask is causal (and sliding): so is the plan's."""
+    inputs = make_inputs("gemma3", 4)
+    del inputs["token_type_ids"]
+    plan = Plan.for_model(build("gemma3"), **PLANS["combined-frozen"])
+    assert ts.check_against_reference("gemma3", plan, inputs, steps=4) > 1e-2
+
+
+def test_gemma3_blocks_continuing_a_cache_are_refused():
+    """The model indexes its blocks by absolute position, which only the first call's token_type_ids cover: a call
+    that continues a cache and carries image blocks is refused in one line."""
+    model, inputs = build("gemma3"), make_inputs("gemma3", 2)
+    width = inputs["input_ids"].shape[1]
+    apply_plan(model, Plan.for_model(model, skip_layers=[3]))
+    try:
+        with torch.no_grad():
+            out = model(**ts.with_positions("gemma3", inputs), use_cache=True)
+            step = dict(inputs, input_ids=inputs["input_ids"][:, -1:], position_ids=torch.full((2, 1), width),
+                        token_type_ids=torch.ones(2, 1, dtype=torch.long), pixel_values=None)  # fmt: skip
+            step["attention_mask"] = torch.cat([inputs["attention_mask"], torch.ones(2, 1, dtype=torch.long)], 1)
+            with pytest.raises(SkipitError, match="only in the call that starts the cache") as info:
+                model(**step, **{compat.CACHE_KWARG: compat.output_cache(out)})
+    finally:
+        remove_plan(model)
+    assert "\n" not in str(info.value)
 
 
 def test_paligemma_is_refused_for_its_bidirectional_prefix():
@@ -198,9 +218,9 @@ def test_paligemma_is_refused_for_its_bidirectional_prefix():
 
 
 def test_a_family_refused_by_the_registry_names_why():
-    """Refusals the registry states (Llama 4, Qwen3.5, Gemma 3, PaliGemma) come with their reason."""
+    """Refusals the registry states (Llama 4, Qwen3.5, PaliGemma) come with their reason."""
     refused = {f.name: f.refused for f in FAMILIES if f.refused}
-    assert set(refused) == {"Gemma 3", "PaliGemma", "Llama 4", "Qwen3.5", "Qwen3.5 text"}
+    assert set(refused) == {"PaliGemma", "Llama 4", "Qwen3.5", "Qwen3.5 text"}
     assert "chunked" in refused["Llama 4"] and "linear-attention" in refused["Qwen3.5"]
 
 

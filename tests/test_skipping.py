@@ -20,6 +20,8 @@ from transformers import (
     CLIPVisionConfig,
     Cohere2Config,
     DynamicCache,
+    Gemma3Config,
+    Gemma3ForConditionalGeneration,
     Idefics3Config,
     Idefics3ForConditionalGeneration,
     InternVLConfig,
@@ -70,7 +72,7 @@ FAMILIES = ["llama", "llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "idefics3"
 OTHER_CAUSAL_LMS = ["qwen2", "qwen3", "gemma", "phi3", "smollm3"]  # model_type; text only, like "llama"
 # VLMs served by the generic adapter with no family code, tested in test_families.py (same machinery as here)
 GENERIC_VLMS = ["llava_onevision", "smolvlm", "internvl", "mistral3", "aya_vision"]
-VLMS = [*FAMILIES[1:], *GENERIC_VLMS, "qwen3_vl", "qwen3_vl_moe"]
+VLMS = [*FAMILIES[1:], *GENERIC_VLMS, "qwen3_vl", "qwen3_vl_moe", "gemma3"]
 QWEN_VL = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
 # Causal LMs with sliding-window layers, the window small enough to cut keys in prefill and decoding: Gemma 2 (every
 # other layer), Gemma 3 (5 sliding, 1 full), Cohere2 (3 sliding, 1 full), Mistral (every layer), Qwen2 (layers from
@@ -151,6 +153,15 @@ def build(family: str):
         config = AyaVisionConfig(vision_config=SiglipVisionConfig(**SIGLIP, image_size=8, patch_size=2),
                                  text_config=text, image_token_id=IMAGE)  # fmt: skip
         model = AyaVisionForConditionalGeneration(config)
+    elif family == "gemma3":
+        # each image's 4 tokens attend to each other both ways (token_type_ids); sliding and full layers alternate,
+        # the window (3) shorter than an image, so that it cuts pairs of one image too
+        text = dict(TEXT, head_dim=8, sliding_window=3, layer_types=["sliding_attention", "full_attention"] * 3)
+        config = Gemma3Config(text_config=text, vision_config=dict(SIGLIP, image_size=8, patch_size=2),
+                              image_token_id=IMAGE, mm_tokens_per_image=4)  # fmt: skip
+        model = Gemma3ForConditionalGeneration(config)
+        with torch.no_grad():  # initialised to zeros: every image token would enter as the same zero vector
+            model.model.multi_modal_projector.mm_input_projection_weight.normal_(std=0.2)
     elif family == "qwen3_vl":  # DeepStack: features of vision levels 0 and 1 added after decoder layers 0 and 1
         rope = dict(QWEN_TEXT["rope_parameters"], mrope_interleaved=True)
         vision = dict(depth=2, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=32, patch_size=2,
@@ -221,6 +232,10 @@ def make_inputs(family: str, batch: int) -> dict:
         sizes = torch.tensor([[16, 16], [8, 16], [16, 8], [8, 8]][:batch])
         extra.update(pixel_values=torch.randn(batch, 3, 16, 16, generator=gen), image_sizes=sizes)
         counts = (sizes // 8).prod(-1).tolist()  # 4 x 4 patches, 2 x 2 spatial merge
+    elif family == "gemma3":  # odd rows carry a second image, one text token after the first: two blocks
+        images = [1 + b % 2 for b in range(batch)]
+        extra["pixel_values"] = torch.randn(sum(images), 3, 8, 8, generator=gen)
+        counts = [4] * batch
 
     def text(n: int) -> list[int]:
         return torch.randint(3, 88, (n,), generator=gen).tolist()  # clear of pad (0) and the special ids
@@ -230,12 +245,16 @@ def make_inputs(family: str, batch: int) -> dict:
         if family in VLMS:
             image = [IMAGE] * counts[b]
             row += [V_START, *image, V_END] if family in QWEN_VL else image
+        if family == "gemma3" and b % 2:
+            row += text(1) + [IMAGE] * counts[b]
         rows.append(row + text(3))
     width = max(map(len, rows))
     input_ids = torch.tensor([[0] * (width - len(r)) + r for r in rows])
     attention_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
     if family in QWEN_VL:
         extra["mm_token_type_ids"] = (input_ids == IMAGE).int()
+    if family == "gemma3":
+        extra["token_type_ids"] = (input_ids == IMAGE).long()
     return dict(input_ids=input_ids, attention_mask=attention_mask, **extra)
 
 
@@ -251,6 +270,8 @@ def extend(family: str, inputs: dict, new_tokens: torch.Tensor) -> dict:
     out["attention_mask"] = torch.cat([inputs["attention_mask"], torch.ones_like(new_tokens)], 1)
     if base(family) in QWEN_VL:
         out["mm_token_type_ids"] = (out["input_ids"] == IMAGE).int()
+    if "token_type_ids" in inputs:  # generated tokens are text
+        out["token_type_ids"] = torch.cat([inputs["token_type_ids"], torch.zeros_like(new_tokens)], 1)
     return out
 
 
@@ -307,20 +328,17 @@ def layer_window(layer) -> int | None:
     return getattr(attention.config, "sliding_window", None)
 
 
-def reference_mask(rows: torch.Tensor, window: int | None = None, blocks: torch.Tensor | None = None,
-                   beside: bool = False) -> torch.Tensor:  # fmt: skip
+def reference_mask(rows: torch.Tensor, window: int | None = None, blocks: torch.Tensor | None = None) -> torch.Tensor:
     """(1, 1, n, n) bool: which of the tokens `rows` (indices into one sequence of real tokens) each of them attends
-    to. Causal; within `window` (q - window < k <= q) in a sliding layer; tokens with the same block id >= 0 in
-    `blocks` (per token of the sequence) see each other both ways, inside the window (Gemma 3) or `beside` it
-    (PaliGemma)."""
+    to. Causal; tokens with the same block id >= 0 in `blocks` (per token of the sequence) see each other both ways;
+    in a sliding layer, only within the window (q - window < k <= q), block pairs too (Gemma 3)."""
     q, k = rows[:, None], rows[None, :]
     allowed = k <= q
-    inside = (k > q - window) if window is not None else torch.ones_like(allowed)
-    same = torch.zeros_like(allowed)
     if blocks is not None:
         b = blocks[rows]
-        same = (b[:, None] == b[None, :]) & (b[:, None] >= 0)
-    allowed = ((allowed & inside) | same) if beside else ((allowed | same) & inside)
+        allowed = allowed | ((b[:, None] == b[None, :]) & (b[:, None] >= 0))
+    if window is not None:
+        allowed = allowed & (k > q - window)
     return allowed[None, None]
 
 
@@ -331,10 +349,10 @@ def additive(mask: torch.Tensor, layer) -> torch.Tensor:
     return mask
 
 
-def run_layer(layer, x, pe, rows, blocks=None, beside=False):
+def run_layer(layer, x, pe, rows, blocks=None):
     """The layer on the tokens `rows` of one sequence x (n, D), no cache, with the mask the model gives them
     (`reference_mask`: causal, the layer's sliding window, bidirectional blocks)."""
-    mask = additive(reference_mask(rows, layer_window(layer), blocks, beside), layer)
+    mask = additive(reference_mask(rows, layer_window(layer), blocks), layer)
     out = layer(
         x[rows][None], attention_mask=mask, position_embeddings=tuple(t[rows][None] for t in pe),
         position_ids=None, use_cache=False,
@@ -406,7 +424,7 @@ def reference_divprune(x0, vision, share: float) -> torch.Tensor:
     return tokens[chosen]
 
 
-def reference_logits(model, plan: Plan, x0, pe, vision, kept=None, inject=None, blocks=None, beside=False):
+def reference_logits(model, plan: Plan, x0, pe, vision, kept=None, inject=None, blocks=None):
     """Logits of one sequence (its real tokens only) under `plan`, computed layer by layer from scratch, and the
     vision tokens pruning kept (pass them back in to continue a generation: they are chosen on the prompt).
 
@@ -421,7 +439,7 @@ def reference_logits(model, plan: Plan, x0, pe, vision, kept=None, inject=None, 
     per_layer = pe
     for j, (layer, role) in enumerate(zip(adapter.layers, plan.roles(), strict=True)):
         pe = per_layer[j] if isinstance(per_layer, list) else per_layer
-        run = functools.partial(run_layer, blocks=blocks, beside=beside)
+        run = functools.partial(run_layer, blocks=blocks)
         if choose and rank == "attention" and j == p:  # FastV: rank by the last token
             scores = last_token_attention(layer, x, pe, everyone)
             tokens = torch.nonzero(vision)[:, 0]
@@ -452,6 +470,20 @@ def reference_logits(model, plan: Plan, x0, pe, vision, kept=None, inject=None, 
     return logits, kept
 
 
+def reference_blocks(family: str, full: dict, b: int, width: int) -> torch.Tensor | None:
+    """Row b's bidirectional block per column (-1: none), as the model's mask has them in the prompt (generated
+    tokens are in none): Gemma 3, each run of consecutive image tokens (token_type_ids 1), numbered from 0."""
+    if base(family) != "gemma3" or "token_type_ids" not in full:
+        return None
+    types = full["token_type_ids"][b].tolist()
+    blocks, block = [], -1
+    for i, t in enumerate(types):
+        if t == 1 and (i == 0 or types[i - 1] != 1):
+            block += 1
+        blocks.append(block if t == 1 and i < width else -1)
+    return torch.tensor(blocks)
+
+
 def reference_run(model, plan, family, full: dict, width: int, steps: int):
     """Reference logits for prompts of `width` columns followed by `steps` tokens, all in `full`.
 
@@ -466,8 +498,10 @@ def reference_run(model, plan, family, full: dict, width: int, steps: int):
         for s in range(steps):
             keep = full["attention_mask"][b, : width + s].bool()
             pe_b = row_positions(pe, b, slice(0, width + s), keep)
+            blocks = reference_blocks(family, full, b, width)
+            blocks = None if blocks is None else blocks[: width + s][keep]
             logits, kept = reference_logits(
-                model, plan, x0[b, : width + s][keep], pe_b, vision[b, : width + s][keep], kept
+                model, plan, x0[b, : width + s][keep], pe_b, vision[b, : width + s][keep], kept, blocks=blocks
             )  # fmt: skip
             prompts += [logits] if s == 0 else []
             decoded[s, b] = logits[-1]

@@ -41,10 +41,12 @@ from skipit.errors import SkipitError
 # runs its whole attention on them and the output is thrown away. Each was read against LlamaAttention's forward:
 # Qwen2 differs only by projection biases (in the Linear modules) and a sliding window (a matter of the mask, which
 # the engine builds), Mistral only by the sliding window, Qwen3 and Qwen3-VL by a per-head RMSNorm of queries and
-# keys (`q_norm`, `k_norm`, applied before the heads are transposed, as `_heads` does).
+# keys (`q_norm`, `k_norm`, applied before the heads are transposed, as `_heads` does); Gemma 3 by the same per-head
+# norms (applied after the transpose, over the same last axis) and its scaling (`attention.scaling`, from
+# `query_pre_attn_scalar`), without softcapping.
 KEYS_VALUES_ONLY = frozenset({
     "LlamaAttention", "Qwen2VLAttention", "Qwen2_5_VLAttention", "Qwen2Attention", "MistralAttention",
-    "Qwen3Attention", "Qwen3VLTextAttention", "Qwen3VLMoeTextAttention",
+    "Qwen3Attention", "Qwen3VLTextAttention", "Qwen3VLMoeTextAttention", "Gemma3Attention",
 })  # fmt: skip
 
 # Where the text decoder (the module owning `layers` and `norm`) sits, relative to the model, first match wins:
@@ -187,13 +189,10 @@ class Adapter:
 
     def blocks(self, inputs: dict, first_call: bool) -> torch.Tensor | None:
         """(batch, seq) block ids of the current call's tokens, -1 outside any block: two tokens of the same block
-        attend to each other whatever their order. None when the call has none. `first_call`: the cache held nothing
-        before this call. Defined by the families whose mask has such blocks."""
+        attend to each other whatever their order (inside the window, in a sliding layer). None when the call has
+        none. `first_call`: the cache held nothing before this call. Defined by the families whose mask has such
+        blocks."""
         return None
-
-    # How a block combines with a sliding window: "inside" (a pair of the same block still needs to be within the
-    # window, as Gemma 3) or "beside" (a pair of the same block attends whatever the window, as PaliGemma 2).
-    blocks_and_window = "inside"
 
     def plan_refusal(self) -> str | None:
         """Why a non-empty skip plan cannot run exactly on this model (one clause), or None."""

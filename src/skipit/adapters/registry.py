@@ -4,9 +4,9 @@ family.
 A family is a set of `model_type`s (the config's), how to load it (a VLM through `AutoModelForImageTextToText` and
 `AutoProcessor`, a causal LM through `AutoModelForCausalLM` and `AutoTokenizer`), its adapter (the generic one unless
 its layout differs) and, where skip plans cannot run on it exactly, why (`refused`). A refused family still loads,
-measures (`skipit analyze`) and runs an empty plan; per-model refusals (a sliding window set in one config, ...) are
-found by the adapter itself (`Adapter.plan_refusal`). A VLM whose model type is not listed here is still served by
-the generic adapter when its layout is the common one.
+measures (`skipit analyze`) and runs an empty plan; per-model refusals (chunked or linear-attention layers in one
+config, ...) are found by the adapter itself (`Adapter.plan_refusal`). A VLM whose model type is not listed here is
+still served by the generic adapter when its layout is the common one.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from skipit.adapters.base import Adapter
+from skipit.adapters.gemma3 import Gemma3Adapter
 from skipit.adapters.qwen3_vl import Qwen3VLAdapter
 
 VLM, CAUSAL_LM = "vlm", "causal_lm"
@@ -33,7 +34,6 @@ class Family:
         return f"{self.name}s ({', '.join(self.model_types)})"
 
 
-BIDIRECTIONAL = "image tokens attend to each other bidirectionally (token_type_ids), a mask skip plans do not reproduce"
 LINEAR = "it has hybrid linear-attention layers (a recurrent state over every token, not per-token keys)"
 FAMILIES: tuple[Family, ...] = (
     Family("LLaVA", ("llava",)),
@@ -45,9 +45,9 @@ FAMILIES: tuple[Family, ...] = (
     Family("Idefics3", ("idefics3",)),
     Family("SmolVLM", ("smolvlm",)),
     Family("InternVL", ("internvl",)),
-    Family("Mistral3", ("mistral3",)),  # refused per model while its text config sets a sliding window
-    Family("Aya Vision", ("aya_vision",)),  # Cohere2 text: refused per model for its sliding-window layers
-    Family("Gemma 3", ("gemma3",), refused=BIDIRECTIONAL),
+    Family("Mistral3", ("mistral3",)),
+    Family("Aya Vision", ("aya_vision",)),
+    Family("Gemma 3", ("gemma3",), adapter=Gemma3Adapter),  # image tokens attend to each other bidirectionally
     Family("PaliGemma", ("paligemma",), refused="its prefix (image and prompt) attends bidirectionally "
                                                 "(token_type_ids), a mask skip plans do not reproduce"),
     Family("Llama 4", ("llama4",), refused="it has chunked attention layers and complex rotary (freqs_cis)"),

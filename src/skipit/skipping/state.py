@@ -273,8 +273,9 @@ class ForwardStep:
         Built here, once per group of layers that cache the same tokens and per window, since transformers' masks
         assume the layer sees the whole sequence. A query at index q sees a key at index k when k <= q and, in a
         sliding layer, k > q - window (transformers' `sliding_window_overlay`); two tokens of the same bidirectional
-        block see each other whatever their order, within the window or beside it as the family's mask does
-        (`Adapter.blocks_and_window`). Invalid slots (left padding, padding slots of ragged subsets) are masked out.
+        block (`Adapter.blocks`) see each other whatever their order, inside the window in a sliding layer (Gemma 3's
+        AND(window, OR(causal, block))). Invalid slots (left padding, padding slots of ragged subsets) are masked
+        out.
         """
         n = q_index.shape[1]
         sdpa = self.adapter.attn_implementation == "sdpa"
@@ -291,13 +292,10 @@ class ForwardStep:
             if k_block is None:
                 k_block = torch.full_like(k_index, -1)
             same = (k_block[:, None, :] == q_block[:, :, None]) & (q_block[:, :, None] >= 0)
-        if window is not None and same is not None and self.adapter.blocks_and_window == "beside":
-            allowed = (allowed & (k > q - window)) | same
-        else:
-            if same is not None:
-                allowed = allowed | same
-            if window is not None:
-                allowed = allowed & (k > q - window)
+        if same is not None:
+            allowed = allowed | same
+        if window is not None:
+            allowed = allowed & (k > q - window)
         allowed = allowed & k_valid[:, None, :]
         # A query always sees its own key: keeps padding queries finite (a fully masked row gives NaN in SDPA).
         rows = torch.arange(n, device=self.device)
