@@ -42,7 +42,7 @@ def main() -> None:
         name = "blind" if blind else "image"
         t0 = time.perf_counter()
         with progress("q") as bar:
-            task = bar.add_task(f"shapes/test ({name})", total=len(records))
+            task = bar.add_task(f"shapes/{args.split} ({name})", total=len(records))
             results[name] = vqa.evaluate(
                 model, processor, records, args.batch_size, blind=blind, on_batch=lambda k, t=task: bar.advance(t, k)
             )

@@ -44,8 +44,8 @@ def test_full_report_is_one_self_contained_page(make_run):
     for key in SECTIONS:
         assert 'class="note"' not in section(page, key), key  # every input is there: no section degrades
     # 5 per-layer measures, VAR, the scatter
-    assert charts(page) == expected_count(page) == 7
-    assert page.count("<svg") == 7
+    assert charts(page) == expected_count(page) == 8  # + accuracy kept against FLOPs removed
+    assert page.count("<svg") == 8
     measures = section(page, "measures")
     assert charts(measures) == 5
     for title in ("Geometric", "P(rho &gt; 0.05)", "Informational", "CKA", "Logit lens"):
@@ -79,7 +79,7 @@ def test_element_ids_are_unique_and_the_page_is_reproducible(make_run):
     assert len(ids) == len(set(ids)), "SVG ids clash between charts"
     targets = re.findall(r'href="#([^"]+)"', page) + re.findall(r"url\(#([^)]+)\)", page)
     assert targets and set(targets) <= set(ids)  # every internal reference resolves
-    assert charts(page) == expected_count(page) == 9  # + ablation KL and the Lipschitz bound
+    assert charts(page) == expected_count(page) == 10  # + ablation KL and the Lipschitz bound
     assert rep.write_report(run).read_bytes() == first  # no dates, no random ids
 
 
@@ -96,7 +96,7 @@ def test_no_plan_degrades_to_notes(make_run):
     page = rep.write_report(make_run(plan=False)).read_text()
     assert "No plan.json" in section(page, "measures") and "No plan.json" in section(page, "plan")
     assert "late entry (vision" not in page
-    assert charts(page) == 7
+    assert charts(page) == 8
 
 
 def test_only_an_analysis(make_run):
@@ -138,7 +138,7 @@ def test_sweep_of_another_shape_is_a_note(make_run):
     page = rep.write_report(run).read_text()
     assert "sweep.json does not have the expected shape" in section(page, "degradation")
     assert "<table" in section(page, "speed") and "<table" in section(page, "baselines")
-    assert charts(page) == expected_count(page) == 6
+    assert charts(page) == expected_count(page) == 7
 
 
 def test_sweep_as_evaluation_sweep_writes_it(make_run):
@@ -154,7 +154,7 @@ def test_sweep_as_evaluation_sweep_writes_it(make_run):
     page = rep.write_report(run).read_text()
     assert "Reference (no plan): accuracy 0.800." in section(page, "speed")
     assert "100 records" in page
-    assert charts(page) == expected_count(page) == 7
+    assert charts(page) == expected_count(page) == 8
     assert 'class="note"' not in section(page, "degradation") + section(page, "baselines")
 
 

@@ -99,7 +99,7 @@ def test_console_errors_are_seen(chromium, tmp_path):
 
 @pytest.mark.parametrize(
     ("inputs", "n_charts"),
-    [({"ablation": True}, 9), ({"sweep": False}, 6), ({"plan": False, "sweep": False, "vision": False}, 5)],
+    [({"ablation": True}, 10), ({"sweep": False}, 6), ({"plan": False, "sweep": False, "vision": False}, 5)],
     ids=["full", "no-sweep", "analysis-only-text-model"],
 )
 def test_every_chart_renders_without_errors(chromium, make_run, tmp_path, inputs, n_charts):

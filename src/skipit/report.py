@@ -565,7 +565,38 @@ def _speed_section(run: Run) -> str:
     return "".join(parts)
 
 
-def _baselines_section(run: Run) -> str:
+def _pareto_figure(baselines: list[dict]):
+    """Accuracy kept (with its paired 95 % interval) against FLOPs removed: one line per method over its budgets."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7.2, 3.6), layout="constrained")
+    methods = sorted({str(b.get("method")) for b in baselines}, key=lambda m: (not m.startswith("skipit"), m))
+    cmap = plt.get_cmap("tab10")
+    for i, method in enumerate(methods):
+        rows = [b for b in baselines if str(b.get("method")) == method
+                and _num(b.get("accuracy_kept")) is not None and _num(b.get("flops_removed")) is not None]
+        points = sorted(((100 * b["flops_removed"], 100 * b["accuracy_kept"], b.get("accuracy_kept_ci") or {})
+                         for b in rows), key=lambda p: p[0])  # fmt: skip
+        if not points:
+            continue
+        xs, ys = [p[0] for p in points], [p[1] for p in points]
+        # a bootstrap interval of a ratio need not hold its point estimate: clip the bars at the point
+        lows = [max(0.0, y - 100 * c["low"]) if _num(c.get("low")) is not None else 0 for (_, y, c) in points]
+        highs = [max(0.0, 100 * c["high"] - y) if _num(c.get("high")) is not None else 0 for (_, y, c) in points]
+        mine = method.startswith("skipit")
+        ax.errorbar(xs, ys, yerr=[lows, highs], marker="o" if mine else ".", ms=6 if mine else 5, capsize=2,
+                    lw=2.0 if mine else 1.0, color="black" if method == "skipit" else cmap(i % 10), label=method,
+                    alpha=0.9, ls="-" if len(points) > 1 else "none")  # fmt: skip
+    ax.axhline(100, color="gray", lw=0.6)
+    ax.axhline(99, color="gray", lw=0.6, ls=":")
+    ax.set_xlabel("prefill FLOPs removed (%)", fontsize=8)
+    ax.set_ylabel("accuracy kept (%)", fontsize=8)
+    ax.tick_params(labelsize=7)
+    ax.grid(alpha=0.3)
+    fig.legend(fontsize=7, loc="outside right upper")
+    return fig
+
+
+def _baselines_section(run: Run, charts: _Charts | None = None) -> str:
     if run.sweep is None:
         return _note(run.notes.get("sweep", "No sweep."))
     baselines = [b for b in run.sweep.get("baselines") or [] if isinstance(b, dict)]
@@ -576,7 +607,10 @@ def _baselines_section(run: Run) -> str:
              _with_ci(b.get("accuracy"), b.get("accuracy_ci")),
              _with_ci(b.get("accuracy_kept"), b.get("accuracy_kept_ci"))] for b in baselines]  # fmt: skip
     headers = ["method", "budget", "decisions", "FLOPs saved", "prefill", "decode", "accuracy", "accuracy kept"]
-    parts = [_table(headers, rows, "num"), "<p class='dim'>Accuracy kept: accuracy / the reference's accuracy, with "
+    parts = [charts.svg(_pareto_figure(baselines), "Accuracy kept against prefill FLOPs removed, each method at every "
+                        "budget (bars: 95 % paired bootstrap intervals over the same questions); dotted: 99 %.")
+             if charts is not None else "",
+             _table(headers, rows, "num"), "<p class='dim'>Accuracy kept: accuracy / the reference's accuracy, with "
              "its 95 % paired bootstrap interval.</p>"]
     versus = [v for v in run.sweep.get("skipit_vs_baselines") or [] if isinstance(v, dict)]
     if versus:
@@ -660,7 +694,7 @@ def render(run: Run) -> str:
         "plan": _guarded("plan.json", _plan_section, run),
         "degradation": _guarded("sweep.json", _scatter_section, run, charts),
         "speed": _guarded("sweep.json", _speed_section, run),
-        "baselines": _guarded("sweep.json", _baselines_section, run),
+        "baselines": _guarded("sweep.json", _baselines_section, run, charts),
     }
     from skipit import __version__
 
