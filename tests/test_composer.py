@@ -4,9 +4,9 @@ budget, kappa and held-out KL it reports, checked against an independent recompu
 from __future__ import annotations
 
 import json
-import sys
 
 import pytest
+from test_cli_checks import cli
 
 from skipit.baselines import kl, last_logprobs
 from skipit.composer import Decision, Measurer, compose, compose_plan
@@ -145,15 +145,6 @@ def test_make_plan_composed_checks_what_it_is_given(tiny_llava, calib, make_run)
     with pytest.raises(SkipitError, match="fingerprint differs"):
         make_plan(analysis, composed=True, model=model, processor=processor, calib=calib)
 
-
-def cli(monkeypatch, capsys, *args) -> tuple[int, str, str]:
-    from skipit.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["skipit", *map(str, args)])
-    with pytest.raises(SystemExit) as exit_:
-        main()
-    captured = capsys.readouterr()
-    return exit_.value.code, captured.out, captured.err
 
 
 @pytest.mark.parametrize("args, message", [
