@@ -225,8 +225,12 @@ def _shortv(ctx: BaselineContext) -> Plan:
     return ctx.greedy(order, lambda js: ctx.empty.with_decisions(frozen_vision_layers=js))
 
 
-def largest_share(ctx: BaselineContext, name: str, make: Callable[[float], Plan]) -> Plan:
-    """The plan `make(share)` keeping the largest share of vision tokens that still meets the budget."""
+def largest_share(ctx: BaselineContext, name: str, after: int, rank: str = "attention") -> Plan:
+    """Pruning after layer `after` with ranking `rank`, keeping the largest share of vision tokens that still meets
+    the budget."""
+    def make(keep: float) -> Plan:
+        return ctx.empty.with_decisions(prune_vision_after=after, prune_vision_keep=keep, prune_vision_rank=rank)
+
     lo, hi = 1e-3, 1 - 1e-3  # saving falls as the share kept grows
     if not ctx.meets(make(lo)):
         raise ctx.cannot(name)
@@ -238,24 +242,21 @@ def largest_share(ctx: BaselineContext, name: str, make: Callable[[float], Plan]
 
 @register("fastv", "Chen et al. (2024): after layer 2 keep the vision tokens the last token attends to most")
 def _fastv(ctx: BaselineContext) -> Plan:
-    return largest_share(ctx, "fastv", lambda keep: ctx.empty.with_decisions(
-        prune_vision_after=FASTV_LAYER, prune_vision_keep=keep))  # fmt: skip
+    return largest_share(ctx, "fastv", FASTV_LAYER)
 
 
 @register("dart", "Wen et al. (2025), 'Stop Looking for Important Tokens in Multimodal Language Models: Duplication "
                   "Matters More', arXiv:2502.11494, github.com/ZichenWen1/DART: after layer 2 keep the vision tokens "
                   "least duplicated (lowest cosine similarity) w.r.t. 8 pivot tokens of largest key L1 norm")
 def _dart(ctx: BaselineContext) -> Plan:
-    return largest_share(ctx, "dart", lambda keep: ctx.empty.with_decisions(
-        prune_vision_after=DART_LAYER, prune_vision_keep=keep, prune_vision_rank="dart"))  # fmt: skip
+    return largest_share(ctx, "dart", DART_LAYER, "dart")
 
 
 @register("divprune", "Alvar et al. (CVPR 2025), 'DivPrune: Diversity-based Visual Token Pruning for Large "
                       "Multimodal Models', arXiv:2503.02175, github.com/vbdi/divprune: before the language model keep "
                       "a max-min diverse subset of the vision tokens (greedy, cosine distance of their embeddings)")
 def _divprune(ctx: BaselineContext) -> Plan:
-    return largest_share(ctx, "divprune", lambda keep: ctx.empty.with_decisions(
-        prune_vision_after=DIVPRUNE_LAYER, prune_vision_keep=keep, prune_vision_rank="divprune"))  # fmt: skip
+    return largest_share(ctx, "divprune", DIVPRUNE_LAYER, "divprune")
 
 
 @register("shortgpt", "Men et al. (2024): remove the layers with the lowest Block Influence")
