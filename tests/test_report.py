@@ -243,6 +243,7 @@ def test_intervals_noisy_speeds_and_significance_are_shown(make_run):
     plan = data["plans"][1]
     plan["accuracy_ci"] = {"value": plan["accuracy"], "low": 0.512, "high": 0.734, "level": 0.95}
     plan["speed_noisy"] = ["decode x17.54 beats its ideal x1.03"]
+    data["plans"][2] |= {"timed": False, "prefill_speedup": None, "decode_speedup": None}  # scored, not timed
     data["baselines"][0]["accuracy_kept_ci"] = {"value": 0.9, "low": 0.871, "high": 0.936, "level": 0.95}
     data["skipit_vs_baselines"] = [{"budget": 0.1, "baseline": "fastv", "mcnemar_p": 0.0123, "skipit_better": 9,
                                     "skipit_worse": 2, "skipit_gain_points": {"value": 3.5, "low": 0.5, "high": 6.5}}]
@@ -252,6 +253,7 @@ def test_intervals_noisy_speeds_and_significance_are_shown(make_run):
     speed = section(page, "speed")
     assert "[0.512, 0.734]" in speed and 'title="decode x17.54 beats its ideal x1.03">noisy' in speed
     assert "17.54×" not in speed  # a noisy figure is never printed as a result
+    assert speed.count("not timed") == 2  # its prefill and decode cells
     base = section(page, "baselines")
     assert "[0.871, 0.936]" in base and "+3.5" in base and "[+0.5, +6.5]" in base and "0.012" in base
     if data.get("safe_but_lost"):

@@ -207,3 +207,25 @@ def test_a_plan_with_the_same_decisions_is_measured_once_and_the_model_warmed_up
     assert rows["exit@0.3"]["accuracy"] == rows["early_exit_2"]["accuracy"]
     assert rows["exit@0.3"]["family"] == "baseline"
     assert rows["exit@0.3"]["plan"]["evidence"]["method"] == "found another way"
+
+
+def test_untimed_plans_are_scored_with_their_ideal_speedups_and_timed_when_asked_later(setup, tmp_path, monkeypatch):
+    model, processor, test, _, _ = setup
+    grid = sweep.grid(model, step=3)
+    twin = Plan.from_dict(grid["layer_skip_3"][1].to_dict())
+    plans = {"empty": grid["empty"], "layer_skip_3": grid["layer_skip_3"], "skip@0.2": ("baseline", twin)}
+    first = {r["name"]: r for r in sweep.run(model, processor, test, tmp_path, plans, repeats=1,
+                                             timed=lambda name: "@" in name)["plans"]}  # fmt: skip
+    untimed, timed = first["layer_skip_3"], first["skip@0.2"]
+    assert untimed["timed"] is False and all(untimed[k] is None for k in sweep.UNTIMED)
+    assert untimed["speed_noisy"] == [] and first["empty"]["timed"] is True  # the control is always timed
+    assert "same_as" not in timed and timed["timed"] is True and timed["prefill_speedup"] > 0  # not the untimed twin
+    for k in ("flops_removed", "ideal_prefill_speedup", "ideal_decode_speedup", "kv_memory", "accuracy"):
+        assert untimed[k] == pytest.approx(timed[k], rel=1e-9), k  # the same decisions: the same ideal and answers
+
+    calls = []
+    real = sweep.measure_plan
+    monkeypatch.setattr(sweep, "measure_plan", lambda *a, **k: calls.append(k["timed"]) or real(*a, **k))
+    again = {r["name"]: r for r in sweep.run(model, processor, test, tmp_path, plans, repeats=1)["plans"]}
+    assert calls == [True]  # only the plan saved untimed is measured again, now timed
+    assert again["layer_skip_3"]["timed"] is True and again["layer_skip_3"]["prefill_speedup"] > 0

@@ -191,6 +191,8 @@ def train_mini_llava(
 
 def speed_text(row: dict, kind: str) -> str:
     """A measured speed-up with its range over rounds, or why it is not a result (see `speed.noise`)."""
+    if row.get("timed") is False:
+        return f"{kind} not timed"
     if reasons := [r for r in row.get("speed_noisy", []) if kind in r]:
         return f"{kind} noisy, not a result ({'; '.join(reasons)})"
     return f"{kind} x{row[f'{kind}_speedup']:.2f} [{row[f'{kind}_speedup_low']:.2f}, {row[f'{kind}_speedup_high']:.2f}]"
@@ -487,6 +489,8 @@ def sweep(
     batch_size: int = 16,
     repeats: Annotated[int, typer.Option(help="Speed measurement rounds per plan")] = 3,
     restart: Annotated[bool, typer.Option(help="Discard the results saved in OUT (else: resume)")] = False,
+    time_grid: Annotated[bool, typer.Option(help="Time the grid's plans too (else: their accuracy and ideal "
+                                                  "speed-ups only)")] = True,
 ) -> None:
     """Many plans on one benchmark: accuracy, FLOPs, speed; predicted vs measured; baselines at matched FLOPs."""
     from skipit.evaluation.run import sweep_model
@@ -495,7 +499,8 @@ def sweep(
     with _interruptible(ctx, lambda: _plans_kept(out), drop=("restart",)):
         summary = sweep_model(model, data, out, analysis=analysis, calib=calib, n=n, step=step, budgets=budgets,
                               methods=methods, n_calib=n_calib, batch_size=batch_size, repeats=repeats,
-                              restart=restart, progress=True, status=console.status)  # fmt: skip
+                              restart=restart, time_grid=time_grid, progress=True,
+                              status=console.status)  # fmt: skip
     _print_sweep(summary)
     console.print(f"sweep written to {out / 'sweep.json'}")
 
@@ -511,9 +516,9 @@ def _print_sweep(summary: dict) -> None:
         table.add_column(col, justify="left" if col == "plan" else "right")
     for r in summary["plans"]:
         safe = "" if "safe" not in r else ("yes" if r["safe"] else "no")
+        measured = [("–" if r[k] is None else f"{r[k]:.2f}") for k in ("prefill_speedup", "decode_speedup")]
         table.add_row(r["name"], f"{r['accuracy']:.3f}", f"{r['accuracy_drop']:+.1f}", f"{r['flops_removed']:.1%}",
-                      f"{r['prefill_speedup']:.2f}", f"{r['ideal_prefill_speedup']:.2f}", f"{r['decode_speedup']:.2f}",
-                      safe)  # fmt: skip
+                      measured[0], f"{r['ideal_prefill_speedup']:.2f}", measured[1], safe)  # fmt: skip
     console.print(table)
     if "correlation" in summary:
         corr = Table(title="Spearman: predicted damage vs measured accuracy drop (grid plans)")

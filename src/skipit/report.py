@@ -519,6 +519,8 @@ def _with_ci(value, ci, spec: str = ".3f", scale: float = 1.0) -> str:
 
 def _measured(p: dict, kind: str) -> str:
     """A measured speed-up, or a flag where `skipit.evaluation.speed.noise` says it is not a result."""
+    if p.get("timed") is False:  # scored for accuracy only (a sweep times the plans its comparisons need)
+        return '<span class="dim">not timed</span>'
     reasons = [r for r in p.get("speed_noisy") or [] if kind in r]
     if reasons:
         return f'<span class="lost" title="{_e("; ".join(reasons))}">noisy</span>'

@@ -197,11 +197,13 @@ def sweep_model(
     batch_size: int = 16,
     repeats: int = 3,
     restart: bool = False,
+    time_grid: bool = True,
     progress: bool = False,
     status: Status = _quiet,
 ) -> dict:
     """The plan grid (and with an analysis skipit's plans and the baselines at matched FLOPs) measured on `data`,
-    resuming from OUT/plans/; returns what OUT/sweep.json holds (`skipit.evaluation.sweep.run`)."""
+    resuming from OUT/plans/; returns what OUT/sweep.json holds (`skipit.evaluation.sweep.run`). `time_grid`
+    False: the grid's plans are scored but not timed (their ideal speed-ups only)."""
     from skipit.analysis import Analysis
     from skipit.data.jsonl import load_records
     from skipit.evaluation import sweep
@@ -226,4 +228,5 @@ def sweep_model(
     with _tracker(progress, "plan") as track:
         advance = track("sweeping plans", len(plans)) if track else None
         return sweep.run(vlm, processor, records, out, plans, analysis=result, batch_size=batch_size,
-                         repeats=repeats, encoded=encoded, on_plan=(lambda name: advance(1)) if advance else None)
+                         repeats=repeats, encoded=encoded, on_plan=(lambda name: advance(1)) if advance else None,
+                         timed=None if time_grid else lambda name: plans[name][0] not in sweep.GRID)  # fmt: skip

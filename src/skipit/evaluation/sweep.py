@@ -23,6 +23,7 @@ from skipit import baselines
 from skipit.analysis import records_digest
 from skipit.errors import SkipitError
 from skipit.evaluation import speed, vqa
+from skipit.flops import batch_costs
 from skipit.intervals import paired
 from skipit.io import write_json
 from skipit.measures import spearman
@@ -33,6 +34,8 @@ from skipit.skipping import apply_plan, remove_plan
 FORMAT, VERSION = "skipit-sweep", 1
 SPEED_BATCH, SPEED_NEW_TOKENS = 8, 8  # the speed batch: the first records' prompts; tokens generated per run
 GRID = ("late_entry", "early_exit", "vision_frozen", "layer_skip")  # the families the correlations are over
+UNTIMED = ("prefill_speedup", "decode_speedup", "prefill_speedup_low", "prefill_speedup_high", "decode_speedup_low",
+           "decode_speedup_high")  # None in the row of a plan scored but not timed
 
 
 def grid(model, step: int = 3) -> dict[str, tuple[str, Plan]]:
@@ -86,15 +89,28 @@ def compared_plans(model, processor, calib, analysis: dict, encoded: dict, budge
 
 
 def measure_plan(model, processor, records, plan: Plan, encoded: dict, batch_size: int, repeats: int,
-                 answer_batches: list[dict] | None = None, warmup: int = 1) -> dict:  # fmt: skip
+                 answer_batches: list[dict] | None = None, warmup: int = 1, timed: bool = True) -> dict:  # fmt: skip
     """Accuracy of `plan` on `records`, and its speed measured side by side with the untouched model.
     `answer_batches`: the records' inputs with their images encoded once for the whole sweep (`vqa.encode_batches`);
-    `warmup`: untimed rounds first (the sweep warms up once, on its first plan)."""
+    `warmup`: untimed rounds first (the sweep warms up once, on its first plan). With `timed` False, only the ideal
+    (FLOPs, KV bytes) ratios: the measured speed-ups are None."""
     apply_plan(model, plan)
     try:
         result = vqa.evaluate(model, processor, records, batch_size=batch_size, encoded=answer_batches)
     finally:
         remove_plan(model)
+    scored = {"accuracy": result["accuracy"], "per_type": {t: v["accuracy"] for t, v in result["per_type"].items()},
+              "predictions": result["predictions"], "timed": timed}  # fmt: skip
+    if not timed:
+        base, mine = (batch_costs(model, encoded, p, SPEED_NEW_TOKENS) for p in (None, plan))
+        return scored | {
+            "flops_removed": 1 - mine["prefill"] / base["prefill"],
+            "ideal_prefill_speedup": base["prefill"] / mine["prefill"],
+            "ideal_decode_speedup": base["decode"] / mine["decode"],
+            "kv_memory": mine["kv_bytes"] / base["kv_bytes"],
+            **dict.fromkeys(UNTIMED),
+            "speed_noisy": [],
+        }
     configs = {"untouched": None, "plan": plan}
     for attempt in range(2):  # a noisy measurement is taken again, with twice the rounds, before it is flagged
         runs = speed.compare(model, encoded, configs, new_tokens=SPEED_NEW_TOKENS, repeats=repeats * (1 + attempt),
@@ -102,10 +118,7 @@ def measure_plan(model, processor, records, plan: Plan, encoded: dict, batch_siz
         row = speed.speed_rows(model, encoded, configs, runs, new_tokens=SPEED_NEW_TOKENS)[1]
         if not row["noisy"]:
             break
-    return {
-        "accuracy": result["accuracy"],
-        "per_type": {t: v["accuracy"] for t, v in result["per_type"].items()},
-        "predictions": result["predictions"],
+    return scored | {
         "flops_removed": 1 - 1 / row["ideal_prefill_speedup"],  # ideal = untouched / plan prefill FLOPs
         "ideal_prefill_speedup": row["ideal_prefill_speedup"],
         "prefill_speedup": row["prefill_speedup"],
@@ -114,7 +127,7 @@ def measure_plan(model, processor, records, plan: Plan, encoded: dict, batch_siz
         **{k: row[k] for k in ("prefill_speedup_low", "prefill_speedup_high", "decode_speedup_low",
                                "decode_speedup_high")},
         "speed_noisy": row["noisy"],
-        "kv_memory": row["kv_ratio"],
+        "kv_memory": row["kv_ratio"],  # measured: the cache's bytes after the run
     }
 
 
@@ -175,10 +188,13 @@ def run(
     on_plan: Callable[[str], None] | None = None,
     encoded: dict | None = None,
     restart: bool = False,
+    timed: Callable[[str], bool] | None = None,
 ) -> dict:
     """Measure every plan (resuming from RUN_DIR/plans/), then correlate; writes RUN_DIR/sweep.json. `encoded`: the
     speed batch (`speed_batch` of the same records), when the caller has it already. Results saved under another
-    key (`run_key`) are an error, or with `restart` deleted first."""
+    key (`run_key`) are an error, or with `restart` deleted first. `timed(name)`: whether a plan's speed is
+    measured (default: every plan's); the others are scored, with their ideal speed-ups only. The empty plan is
+    always timed: it is the speed control."""
     if not records:
         raise SkipitError("the sweep has no records to score")
     run_dir = Path(run_dir)
@@ -191,25 +207,28 @@ def run(
     done, measured = {}, 0  # measured: plans timed in this call (the first one warms the model up)
     for name, (family, plan) in plans.items():
         path = run_dir / "plans" / f"{name}.json"
+        wanted = name == "empty" or timed is None or timed(name)
         if path.is_file():
             saved = json.loads(path.read_text())
             # read back through Plan, so files written before a plan field existed still match; the evidence (how
             # the plan was found, e.g. a search's seconds) may differ between runs, the decisions may not
-            if _decisions(Plan.from_dict(saved["plan"])) == _decisions(plan) and saved["key"] == key:
+            if (_decisions(Plan.from_dict(saved["plan"])) == _decisions(plan) and saved["key"] == key
+                    and (saved.get("timed", True) or not wanted)):  # fmt: skip
                 done[name] = saved
                 if on_plan:
                     on_plan(name)
                 continue
         row = {"name": name, "family": family, "plan": plan.to_dict(), "n": len(records), "key": key}
-        twin = next((r for r in done.values() if _decisions(Plan.from_dict(r["plan"])) == _decisions(plan)), None)
+        twin = next((r for r in done.values() if _decisions(Plan.from_dict(r["plan"])) == _decisions(plan)
+                     and (r.get("timed", True) or not wanted)), None)  # fmt: skip
         if twin is not None:  # the same decisions under another name (a budget plan equal to a plan above, say)
             row |= {k: v for k, v in twin.items() if k not in row} | {"same_as": twin["name"]}
         else:
             if answer_batches is None:
                 answer_batches = vqa.encode_batches(model, processor, records, batch_size)
             row |= measure_plan(model, processor, records, plan, encoded, batch_size, repeats, answer_batches,
-                                warmup=0 if measured else 1)  # fmt: skip
-            measured += 1
+                                warmup=0 if measured else 1, timed=wanted)  # fmt: skip
+            measured += wanted
         write_json(path, row)
         done[name] = row
         if on_plan:
@@ -233,7 +252,7 @@ def summarize(done: dict[str, dict], analysis: dict | None, run_dir: Path, lost_
     rows = []
     for name, row in done.items():
         row = {k: v for k, v in row.items() if k != "predictions"}  # they stay in RUN_DIR/plans/
-        if "speed_noisy" in row:
+        if "speed_noisy" in row and row.get("timed", True):
             row["speed_noisy"] = row["speed_noisy"] + control
         row["accuracy_drop"] = 100 * (reference - row["accuracy"])
         versus = paired(correct["empty"], correct[name])
