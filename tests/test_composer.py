@@ -77,6 +77,19 @@ def test_budget_takes_the_first_plan_that_meets_it_and_kappa_the_most_under_it()
     assert [p["decisions"] for p in record["path"][:2]] == [["freeze 3"], ["skip 4"]]  # the two best alone
 
 
+def test_a_budget_is_also_reached_from_a_large_decision_the_greedy_ranking_puts_late():
+    # pruning 7/8 of the vision tokens after layer 0 costs 0.1 alone and removes 51 %: ranked by KL per FLOP it comes
+    # after freeze 3, skip 4 and exit 4, which it cannot join (a frozen layer after pruning); greedy then pays skip 1
+    weights = CHEAP | {("pruned", j): 0.02 for j in range(L)}
+    pool = [*POOL, Decision("prune", 0, keep=0.125)]
+    greedy, _ = compose(synthetic(weights), EMPTY, budget=0.45, pool=pool, seeds=0)
+    assert greedy.decisions[-1] == Decision("skip", 1) and greedy.kl == pytest.approx(1.0061)
+    state, record = compose(synthetic(weights), EMPTY, budget=0.45, pool=pool)
+    assert state.decisions == (Decision("prune", 0, keep=0.125),) and state.kl == pytest.approx(0.1)
+    assert state.saving >= 0.45 and ["freeze 3", "skip 4", "exit 4", "skip 1"] in [p["decisions"] for p in
+                                                                                  record["path"]]  # fmt: skip
+
+
 @pytest.mark.parametrize("kwargs, message", [
     ({"budget": 0.0}, "budget is a fraction of the prefill FLOPs to remove, in (0, 1)"),
     ({"budget": 1.5}, "in (0, 1); got 1.5"),

@@ -54,7 +54,8 @@ from skipit.prompts import record_inputs
 from skipit.skipping import apply_plan, remove_plan
 
 KAPPA = 0.02  # nats: the composed KL allowed when no budget is given (the functional planner's Pinsker argument)
-KEEP_SHARES = (0.75, 0.5, 0.25)  # the vision-token shares a pruning decision may keep
+KEEP_SHARES = (0.75, 0.5, 0.25, 0.125)  # the vision-token shares a pruning decision may keep
+SEEDS = 2  # with a budget, the search also grows from this many large decisions alone (see `compose`)
 N_SCORE, N_HELDOUT = 16, 16  # calibration examples that rank the decisions, and those that check the composed plan
 SHORTLIST, BEAM = 6, 1
 BAND_POSITIONS = 8  # by default, the band decisions (exit, entry, pruning) are tried at about this many layers
@@ -348,30 +349,54 @@ def _next_beam(measurer: Measurer, empty: Plan, frontier: Sequence[State], ranki
     return kept
 
 
+def _seed(empty: Plan, alone: Alone) -> State:
+    """A search's start: the plan of one decision alone, measured as such in the ranking."""
+    entry = {"decision": alone.decision.to_dict(), "name": alone.decision.name,
+             "alone": {"kl": _r(alone.kl), "flops_removed": _r(alone.saving)},
+             "added": {"kl": _r(alone.kl), "flops_removed": _r(alone.saving)}}  # fmt: skip
+    plan = _with(empty, alone.decision, plan_fields(empty))
+    return State(plan, (alone.decision,), alone.kl, alone.saving, alone.ratio, None, [entry])
+
+
 def compose(measurer: Measurer, empty: Plan, budget: float | None = None, kappa: float | None = None,
             beam: int = BEAM, shortlist: int = SHORTLIST, step: int | None = None,
-            pool: Sequence[Decision] | None = None) -> tuple[State, dict]:  # fmt: skip
+            pool: Sequence[Decision] | None = None, seeds: int = SEEDS,
+            keep_shares: Sequence[float] = KEEP_SHARES) -> tuple[State, dict]:  # fmt: skip
     """The composed plan (module docstring) as the last `State` of its search, and the search's record: every
     decision alone, and the plans measured on the held-out examples in the order they were."""
     budget, kappa = check_objective(budget, kappa)
     check_search(beam, shortlist, step)
-    ranking = score_alone(measurer, empty, pool if pool is not None else candidates(empty.num_layers, step))
+    ranking = score_alone(measurer, empty, pool if pool is not None else candidates(empty.num_layers, step,
+                                                                                     keep_shares))  # fmt: skip
     root = State(empty, heldout=measurer.kl(empty, "heldout"))
-    frontier, finished, feasible, path = [root], [], [root], []
-    while frontier:
-        kept = _next_beam(measurer, empty, frontier, ranking, shortlist, beam)
+    finished, feasible, path = [], [root], []
+
+    def measured(kept: list[State]) -> list[State]:  # each plan that goes on, on the held-out examples
         for child in kept:
             child.heldout = measurer.kl(child.plan, "heldout")
             composed = {"kl_score": _r(child.kl), "kl_heldout": _r(child.heldout_kl), "flops_removed": _r(child.saving)}
             child.steps[-1]["composed"] = composed
             path.append({"decisions": [d.name for d in child.decisions], **composed})
+        return kept
+
+    def goes_on(kept: list[State]) -> list[State]:
+        nonlocal finished
         if budget is not None:
             finished += [c for c in kept if c.saving >= budget]
             best = min((c.kl for c in finished), default=math.inf)
-            frontier = [c for c in kept if c.saving < budget and c.kl < best]
-        else:
-            frontier = [c for c in kept if c.heldout_kl <= kappa]
-            feasible += frontier
+            return [c for c in kept if c.saving < budget and c.kl < best]
+        feasible.extend(c for c in kept if c.heldout_kl <= kappa)
+        return [c for c in kept if c.heldout_kl <= kappa]
+
+    # With a budget, the search also grows from the `seeds` decisions that alone remove at least half of it at the
+    # least KL: ranked by KL per FLOP, such a decision (most vision tokens pruned, say) comes after many small ones,
+    # and once those fill the plan it may no longer apply, though alone it is the cheapest way to a large budget.
+    big = [] if budget is None else sorted((a for a in ranking if a.saving >= budget / 2),
+                                           key=lambda a: (a.kl, -a.saving))[:seeds]  # fmt: skip
+    for start in [None, *big]:
+        frontier = [root] if start is None else goes_on(measured([_seed(empty, start)]))
+        while frontier:
+            frontier = goes_on(measured(_next_beam(measurer, empty, frontier, ranking, shortlist, beam)))
     record = {"alone": ranking, "path": path}
     if budget is not None:
         if not finished:
@@ -421,13 +446,16 @@ class Composer:
 
     def __init__(self, model, processor, records: Sequence, *, n_score: int | None = None,
                  n_heldout: int | None = None, beam: int = BEAM, shortlist: int = SHORTLIST, step: int | None = None,
-                 batch_size: int = 16):  # fmt: skip
+                 batch_size: int = 16, seeds: int = SEEDS, keep_shares: Sequence[float] = KEEP_SHARES):  # fmt: skip
         check_search(beam, shortlist, step)
+        if seeds < 0 or not keep_shares or not all(0 < f < 1 for f in keep_shares):
+            raise SkipitError("seeds must be at least 0 and every keep share in (0, 1)")
         self.score, self.heldout = split_records(records, n_score, n_heldout)
         start = time.perf_counter()
         self.measurer = ModelMeasurer(model, processor, self.score, self.heldout, batch_size)
         self.empty = Plan.for_model(model)
-        self.search = {"beam": beam, "shortlist": shortlist, "step": band_step(self.empty.num_layers, step)}
+        self.search = {"beam": beam, "shortlist": shortlist, "step": band_step(self.empty.num_layers, step),
+                       "seeds": seeds, "keep_shares": list(keep_shares)}  # fmt: skip
         self.seconds = time.perf_counter() - start
 
     def plan(self, budget: float | None = None, kappa: float | None = None) -> Plan:
