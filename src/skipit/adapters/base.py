@@ -43,10 +43,11 @@ from skipit.errors import SkipitError
 # the engine builds), Mistral only by the sliding window, Qwen3 and Qwen3-VL by a per-head RMSNorm of queries and
 # keys (`q_norm`, `k_norm`, applied before the heads are transposed, as `_heads` does); Gemma 3 by the same per-head
 # norms (applied after the transpose, over the same last axis) and its scaling (`attention.scaling`, from
-# `query_pre_attn_scalar`), without softcapping.
+# `query_pre_attn_scalar`), without softcapping; Gemma (PaliGemma's text model) not at all (its `is_causal` flag only
+# matters without a mask, see `causal_without_mask`).
 KEYS_VALUES_ONLY = frozenset({
     "LlamaAttention", "Qwen2VLAttention", "Qwen2_5_VLAttention", "Qwen2Attention", "MistralAttention",
-    "Qwen3Attention", "Qwen3VLTextAttention", "Qwen3VLMoeTextAttention", "Gemma3Attention",
+    "Qwen3Attention", "Qwen3VLTextAttention", "Qwen3VLMoeTextAttention", "Gemma3Attention", "GemmaAttention",
 })  # fmt: skip
 
 # Where the text decoder (the module owning `layers` and `norm`) sits, relative to the model, first match wins:
@@ -186,6 +187,18 @@ class Adapter:
     # Whether this adapter reproduces the bidirectional blocks the model's mask builds from `token_type_ids` (see
     # `blocks`); the generic adapter does not, so a VLM whose forward takes them is refused.
     bidirectional_blocks = False
+    # Whether a block pair must also be inside a sliding layer's window: AND(window, OR(causal, block)) (Gemma 3), or
+    # not: OR(AND(window, causal), block) (PaliGemma 2, whose blocks go through transformers' sliding mask builder).
+    blocks_in_window = True
+    # Whether the family's forward builds causal masks (plus its blocks) whatever the text config's
+    # `use_bidirectional_attention` says (PaliGemma); the flag then only makes attention non-causal without a mask.
+    masks_ignore_bidirectional_flag = False
+
+    @property
+    def causal_without_mask(self) -> bool:
+        """Whether the text attention is causal when given no mask (SDPA's `is_causal`, from the attention module's
+        flag); when not, the engine passes a mask to every run of several queries."""
+        return not getattr(self.backbone.config, "use_bidirectional_attention", False)
 
     def blocks(self, inputs: dict, first_call: bool) -> torch.Tensor | None:
         """(batch, seq) block ids of the current call's tokens, -1 outside any block: two tokens of the same block
@@ -205,7 +218,8 @@ class Adapter:
                 return f"it has {why}: layers {layers}"
         if "sliding_attention" in kinds and not isinstance(getattr(config, "sliding_window", None), int):
             return f"it has sliding-window layers without an integer sliding_window ({config.sliding_window!r})"
-        if not getattr(config, "is_causal", True) or getattr(config, "use_bidirectional_attention", False):
+        flag = getattr(config, "use_bidirectional_attention", False) and not self.masks_ignore_bidirectional_flag
+        if not getattr(config, "is_causal", True) or flag:
             return "its text model attends bidirectionally (is_causal=False or use_bidirectional_attention)"
         if ("token_type_ids" in inspect.signature(self.model.forward).parameters and self._vision_ids
                 and not self.bidirectional_blocks):  # fmt: skip

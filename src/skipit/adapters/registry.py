@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from skipit.adapters.base import Adapter
 from skipit.adapters.gemma3 import Gemma3Adapter
+from skipit.adapters.paligemma import PaliGemmaAdapter
 from skipit.adapters.qwen3_vl import Qwen3VLAdapter
 
 VLM, CAUSAL_LM = "vlm", "causal_lm"
@@ -48,8 +49,7 @@ FAMILIES: tuple[Family, ...] = (
     Family("Mistral3", ("mistral3",)),
     Family("Aya Vision", ("aya_vision",)),
     Family("Gemma 3", ("gemma3",), adapter=Gemma3Adapter),  # image tokens attend to each other bidirectionally
-    Family("PaliGemma", ("paligemma",), refused="its prefix (image and prompt) attends bidirectionally "
-                                                "(token_type_ids), a mask skip plans do not reproduce"),
+    Family("PaliGemma", ("paligemma",), adapter=PaliGemmaAdapter),  # the prefix (image and prompt) is one block
     Family("Llama 4", ("llama4",), refused="it has chunked attention layers and complex rotary (freqs_cis)"),
     Family("Qwen3.5", ("qwen3_5", "qwen3_5_moe"), refused=LINEAR),
     Family("Qwen3.5 text", ("qwen3_5_text", "qwen3_5_moe_text"), kind=CAUSAL_LM, refused=LINEAR),

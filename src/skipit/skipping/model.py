@@ -67,7 +67,8 @@ class PlanRuntime:
         # vision tokens: the family's image/video placeholder ids, in a call that carries pixels
         vision = self.adapter.vision_mask(inputs.get("input_ids"), inputs)
         # bidirectional blocks of the model's mask (token_type_ids), for the families whose adapter defines them
-        first = cache is None or cache.get_seq_length() == 0
+        # (the plan's own count: layer 0's cache is empty when the plan skips it)
+        first = cache is None or (cache.get_seq_length() if state is None else state.seen) == 0
         self.call = ForwardCall(vision, mask, self.adapter.blocks(inputs, first))
         self._step = None
 

@@ -282,8 +282,10 @@ class ForwardStep:
         bidirectional = q_block is not None and bool((q_block >= 0).any())
         # whether the window leaves out any key of any query (conservatively: the farthest pair)
         cuts = window is not None and int(q_index.max()) - int(k_index.min()) >= window
-        # No mask where SDPA's own handling is exact: one query that may see every key, or a plain causal prefill.
-        if dense and not bidirectional and not cuts and (n == 1 or (sdpa and ordered and before == 0)):
+        # No mask where SDPA's own handling is exact: one query that may see every key, or a plain causal prefill
+        # (in attention that is causal when given no mask).
+        shortcut = n == 1 or (sdpa and ordered and before == 0 and self.adapter.causal_without_mask)
+        if dense and not bidirectional and not cuts and shortcut:
             return None
         q, k = q_index[:, :, None], k_index[:, None, :]
         allowed = k <= q
@@ -295,7 +297,10 @@ class ForwardStep:
         if same is not None:
             allowed = allowed | same
         if window is not None:
-            allowed = allowed & (k > q - window)
+            inside = k > q - window
+            if same is not None and not self.adapter.blocks_in_window:
+                inside = inside | same  # OR(AND(window, causal), block): a block pair attends across the window
+            allowed = allowed & inside
         allowed = allowed & k_valid[:, None, :]
         # A query always sees its own key: keeps padding queries finite (a fully masked row gives NaN in SDPA).
         rows = torch.arange(n, device=self.device)
