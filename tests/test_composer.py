@@ -121,6 +121,43 @@ def test_budget_is_met_on_the_calibration_prompts(tiny_llava, calib):
     assert ev["predicted"]["flops_removed"] == pytest.approx(ev["flops_removed"], abs=1e-4)
 
 
+def test_layers_before_a_plans_first_change_replay_the_untouched_outputs_and_give_the_same_kl(tiny_llava, calib):
+    from skipit.adapters import get_adapter
+    from skipit.composer import ModelMeasurer, candidates, first_changed_layer, plan_fields
+
+    model, processor = tiny_llava
+    layers = get_adapter(model).layers
+    calls = [0] * len(layers)
+    hooks = [layer.register_forward_hook(lambda *a, j=j: calls.__setitem__(j, calls[j] + 1))
+             for j, layer in enumerate(layers)]  # fmt: skip
+    try:  # batches of 3: the replays follow the batch
+        fast, slow = (ModelMeasurer(model, processor, calib[:5], calib[5:], batch_size=3, replay=r) for r in (1, 0))
+        empty = Plan.for_model(model)
+        plans = [p for d in candidates(len(layers), step=1) if (p := _applied(empty, d, plan_fields)) is not None]
+        plans.append(empty.with_decisions(early_exit=4, prune_vision_after=2, prune_vision_keep=0.5,
+                                          frozen_vision_layers=[1]))  # fmt: skip
+        assert {first_changed_layer(p) for p in plans} == set(range(len(layers)))
+        for plan in plans:
+            c = first_changed_layer(plan)
+            calls[:] = [0] * len(layers)
+            got = fast.kl(plan, "score")
+            assert calls[:c] == [0] * c, plan  # replayed, not run
+            calls[:] = [0] * len(layers)
+            assert got == pytest.approx(slow.kl(plan, "score"), rel=1e-4, abs=1e-7), plan
+            assert all(calls[:c]), plan  # run
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+def _applied(empty, decision, plan_fields):
+    fields = decision.apply(plan_fields(empty))
+    try:
+        return None if fields is None else empty.with_decisions(**fields)
+    except SkipitError:
+        return None
+
+
 def test_kappa_heldout_kl_is_at_most_kappa_and_recomputes(tiny_llava, calib, tmp_path):
     model, processor = tiny_llava
     kappa = 2e-3
@@ -190,3 +227,26 @@ def test_cli_composed_plan(tiny_llava, tiny_llava_dir, tmp_path, monkeypatch, ca
     plan = Plan.load(tmp_path / "run" / "plan.json")
     assert plan.evidence["flops_removed"] >= 0.2 and plan.evidence["analysis"]["fingerprint"] == plan.fingerprint
     assert "held-out KL" in out and "plan written to" in out
+
+
+@pytest.mark.parametrize("family", ["qwen3_vl", "gemma3", "mistral3_sliding", "aya_vision_sliding"])
+def test_composer_replay_of_unchanged_layers_equals_running_them(family):
+    """The composed planner replays the untouched outputs of the layers before a plan's first change: with
+    injections (DeepStack), image blocks and sliding windows, the KLs equal those of running every layer."""
+    from skipit.composer import ModelMeasurer, candidates, first_changed_layer, plan_fields
+
+    from test_skipping import build, make_inputs
+
+    model, inputs = build(family), make_inputs(family, 4)
+    batches = {"score": [inputs], "heldout": [inputs]}
+    fast, slow = (ModelMeasurer(model, None, (), (), replay=r, batches=batches) for r in (True, False))
+    empty, firsts = Plan.for_model(model), set()
+    for decision in candidates(empty.num_layers, step=1):
+        try:
+            plan = empty.with_decisions(**decision.apply(plan_fields(empty)))
+            got = fast.kl(plan, "score")
+        except SkipitError:  # a plan this family refuses (every layer skipped, say)
+            continue
+        firsts.add(first_changed_layer(plan))
+        assert got == pytest.approx(slow.kl(plan, "score"), abs=1e-6), decision
+    assert len(firsts) > 2
