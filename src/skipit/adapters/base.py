@@ -17,12 +17,13 @@ position, and `take_positions` is the one place to override for a family that la
 
 Masks: the engine builds each layer's mask itself, on original sequence indices, for the tokens the layer processes.
 What it needs to know per layer is read here: its sliding window (`windows`, as transformers reads the config to
-build its sliding masks and caches) and, for families whose mask lets some tokens attend to each other
-bidirectionally (`token_type_ids`), the blocks of such tokens (`blocks`, defined by a subclass).
+build its sliding masks and caches), its attention chunk (`chunks`, Llama 4's chunked layers) and, for families whose
+mask lets some tokens attend to each other bidirectionally (`token_type_ids`), the blocks of such tokens (`blocks`,
+defined by a subclass).
 
-What the engine cannot reproduce is found here too (`plan_refusal`): layer kinds other than full and sliding-window
-attention (chunked or linear attention), bidirectional masks a family adapter does not define, rotary that is not a
-real (cos, sin) pair.
+What the engine cannot reproduce is found here too (`plan_refusal`): layer kinds other than full, sliding-window and
+chunked attention (linear attention), bidirectional masks a family adapter does not define, rotary that is not a
+real (cos, sin) pair (`check_positions`, unless a family adapter slices its own kind).
 """
 
 from __future__ import annotations
@@ -59,11 +60,11 @@ VIDEO_TOKEN_NAMES = ("video_token_id", "video_token_index")
 
 # Layer kinds (the text config's `layer_types`) the engine can run on a token subset: their masks are built on
 # original sequence indices (a sliding layer's query at index q sees keys at indices k with q - window < k <= q, as
-# transformers' `sliding_window_overlay`).
-SERVED_KINDS = ("full_attention", "sliding_attention")
+# transformers' `sliding_window_overlay`; a chunked layer's, those of its chunk, counted from the row's first real
+# token, as `chunked_overlay`).
+SERVED_KINDS = ("full_attention", "sliding_attention", "chunked_attention")
 # Layer kinds the engine cannot run on a token subset, and why.
 LAYER_KINDS = {
-    "chunked_attention": "chunked attention layers (their masks and cache work on fixed position chunks)",
     "linear_attention": "hybrid linear-attention layers (a recurrent state over every token, not per-token keys)",
 }
 
@@ -184,6 +185,14 @@ class Adapter:
         """Each decoder layer's sliding window, or None for full attention (see `sliding_windows`)."""
         return sliding_windows(self.backbone.config)
 
+    @property
+    def chunks(self) -> list[int | None]:
+        """Each decoder layer's attention chunk (transformers' `attention_chunk_size` for "chunked_attention"
+        layers), or None."""
+        config = self.backbone.config
+        size = getattr(config, "attention_chunk_size", None)
+        return [size if kind == "chunked_attention" else None for kind in layer_types(config)]
+
     # Whether this adapter reproduces the bidirectional blocks the model's mask builds from `token_type_ids` (see
     # `blocks`); the generic adapter does not, so a VLM whose forward takes them is refused.
     bidirectional_blocks = False
@@ -218,6 +227,8 @@ class Adapter:
                 return f"it has {why}: layers {layers}"
         if "sliding_attention" in kinds and not isinstance(getattr(config, "sliding_window", None), int):
             return f"it has sliding-window layers without an integer sliding_window ({config.sliding_window!r})"
+        if "chunked_attention" in kinds and not isinstance(getattr(config, "attention_chunk_size", None), int):
+            return f"it has chunked layers without an integer attention_chunk_size ({config.attention_chunk_size!r})"
         flag = getattr(config, "use_bidirectional_attention", False) and not self.masks_ignore_bidirectional_flag
         if not getattr(config, "is_causal", True) or flag:
             return "its text model attends bidirectionally (is_causal=False or use_bidirectional_attention)"
@@ -241,6 +252,21 @@ class Adapter:
                 "a skip plan needs input_ids to find the vision tokens: pass input_ids, not inputs_embeds"
             )
         return torch.isin(input_ids, torch.tensor(ids, device=input_ids.device))
+
+    @staticmethod
+    def check_positions(position_embeddings, layer: nn.Module) -> None:
+        """Refuse rotary positions that `take_positions` cannot slice per token: here, anything but a real (cos, sin)
+        pair."""
+        pe = position_embeddings
+        if not (isinstance(pe, (tuple, list)) and len(pe) == 2
+                and all(isinstance(t, torch.Tensor) and not t.is_complex() for t in pe)):  # fmt: skip
+            raise SkipitError(
+                f"skip plans need {type(layer).__name__} to receive its rotary positions as a real (cos, sin) pair, "
+                f"which keeps each token's position when tokens are dropped; got {type(pe).__name__}"
+            )
+
+    def check_call(self, inputs: dict, plan) -> None:
+        """Refuse a forward call (its `inputs`) that `plan` cannot run exactly on this model; nothing here."""
 
     @staticmethod
     def take_positions(position_embeddings, index: torch.Tensor):

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from skipit.adapters.base import Adapter
 from skipit.adapters.gemma3 import Gemma3Adapter
+from skipit.adapters.llama4 import Llama4Adapter
 from skipit.adapters.paligemma import PaliGemmaAdapter
 from skipit.adapters.qwen3_vl import Qwen3VLAdapter
 
@@ -50,7 +51,8 @@ FAMILIES: tuple[Family, ...] = (
     Family("Aya Vision", ("aya_vision",)),
     Family("Gemma 3", ("gemma3",), adapter=Gemma3Adapter),  # image tokens attend to each other bidirectionally
     Family("PaliGemma", ("paligemma",), adapter=PaliGemmaAdapter),  # the prefix (image and prompt) is one block
-    Family("Llama 4", ("llama4",), refused="it has chunked attention layers and complex rotary (freqs_cis)"),
+    Family("Llama 4", ("llama4",), adapter=Llama4Adapter),  # chunked layers, complex rotary, NoPE layers
+    Family("Llama 4 text model", ("llama4_text",), kind=CAUSAL_LM, adapter=Llama4Adapter),
     Family("Qwen3.5", ("qwen3_5", "qwen3_5_moe"), refused=LINEAR),
     Family("Qwen3.5 text", ("qwen3_5_text", "qwen3_5_moe_text"), kind=CAUSAL_LM, refused=LINEAR),
     Family("causal LM", ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "smollm3"),

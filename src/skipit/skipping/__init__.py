@@ -8,8 +8,8 @@ per-forward bookkeeping (token subsets, cached key slots, masks) is in `state.py
 and the public API in `model.py`. An empty plan passes every call straight to the original layers.
 
 Supported: `DynamicCache` (what `generate()` uses), SDPA or eager attention, greedy/sampling/batched generation,
-sliding-window layers (their masks are built on original positions; their cache layers keep every key they process)
-and the bidirectional blocks of the families whose adapter defines them.
+sliding-window and chunked layers (their masks are built on original positions; their cache layers keep every key
+they process) and the bidirectional blocks of the families whose adapter defines them.
 Not supported under a plan: static caches, flash attention, continuing from a cache without passing the full
 attention mask, `output_hidden_states` (the wrapped layers see token subsets).
 """

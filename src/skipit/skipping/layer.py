@@ -26,13 +26,13 @@ class SkipLayer(nn.Module):
     """
 
     def __init__(self, base_layer: nn.Module, role: str, runtime: PlanRuntime, last: bool = False,
-                 ranks: str | None = None, window: int | None = None):  # fmt: skip
+                 ranks: str | None = None, window: int | None = None, chunk: int | None = None):  # fmt: skip
         super().__init__()
         self.base_layer = base_layer
         self.role = role
         self.runtime = runtime
-        # the layer's sliding window (None: full attention); its masks are built for it on original indices
-        self.window = window
+        # the layer's sliding window and attention chunk (None: none); its masks are built for them on original indices
+        self.window, self.chunk = window, chunk
         # the backbone's last layer hands the full sequence to the final norm; so does a layer whose output the
         # model edits before the next layer (Qwen3-VL's deepstack injection, `Adapter.injected_after`)
         self.last = last
@@ -50,7 +50,8 @@ class SkipLayer(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"role={self.role!r}" + (f", ranks={self.ranks!r}" if self.ranks else "")
-                + (f", window={self.window}" if self.window is not None else ""))  # fmt: skip
+                + (f", window={self.window}" if self.window is not None else "")
+                + (f", chunk={self.chunk}" if self.chunk is not None else ""))  # fmt: skip
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self.runtime.passthrough:  # an empty plan changes nothing: no bookkeeping at all
@@ -60,13 +61,7 @@ class SkipLayer(nn.Module):
         if self.role == SKIP and self.ranks is None:
             step = self.runtime.current
             return step.expand(hidden_states) if self.last and step is not None else hidden_states
-        pe = kwargs.get("position_embeddings")
-        if not (isinstance(pe, (tuple, list)) and len(pe) == 2
-                and all(isinstance(t, torch.Tensor) and not t.is_complex() for t in pe)):  # fmt: skip
-            raise SkipitError(
-                f"skip plans need {type(self.base_layer).__name__} to receive its rotary positions as a real "
-                f"(cos, sin) pair, which keeps each token's position when tokens are dropped; got {type(pe).__name__}"
-            )
+        self.runtime.adapter.check_positions(kwargs.get("position_embeddings"), self.base_layer)
         cache_name = compat.cache_kwarg(kwargs)  # passed on under the name the model used (renamed in 5.24)
         cache = kwargs.get(cache_name)
         step = self.runtime.step(cache, hidden_states)
@@ -90,7 +85,7 @@ class SkipLayer(nn.Module):
                 continue
             # transformers computed (cos, sin) and the mask for the whole sequence: this run gets its own
             pe = run.positions(kwargs["position_embeddings"], adapter)
-            kw = {**kwargs, "attention_mask": run.mask(self.window), "position_embeddings": pe}
+            kw = {**kwargs, "attention_mask": run.mask(self.window, self.chunk), "position_embeddings": pe}
             if run.take is None:
                 hidden_states = self.base_layer(step.expand(hidden_states), **kw)
             elif run.attention_only:  # frozen vision tokens: cache their keys/values, keep their states

@@ -51,6 +51,7 @@ class PlanRuntime:
                     f"{flag} is not supported under a skip plan (the layers see token subsets, so it would return "
                     "short tensors): measure without a plan (skipit.capture), or remove_plan first"
                 )
+        self.adapter.check_call(inputs, self.plan)  # what the family cannot run exactly in this call
         mask = inputs.get("attention_mask")
         if mask is not None and not isinstance(mask, torch.Tensor):
             raise SkipitError("a skip plan needs a 2-D attention mask tensor (static caches are not supported)")
@@ -155,7 +156,8 @@ def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
     for j, role in enumerate(plan.roles()):
         # a layer whose output the model edits before the next layer (an injection) hands on the whole sequence
         whole = j == len(layers) - 1 or j in adapter.injected_after
-        layers[j] = SkipLayer(layers[j], role, runtime, last=whole, ranks=ranks_at(plan, j), window=adapter.windows[j])
+        layers[j] = SkipLayer(layers[j], role, runtime, last=whole, ranks=ranks_at(plan, j),
+                              window=adapter.windows[j], chunk=adapter.chunks[j])  # fmt: skip
     runtime.hooks = [
         model.register_forward_pre_hook(runtime.before_forward, with_kwargs=True),
         model.register_forward_hook(runtime.after_forward, always_call=True),
@@ -171,14 +173,18 @@ def _check_supported(model: nn.Module, adapter: Adapter, plan: Plan) -> None:
         raise SkipitError(f"skip plans are not supported on {name}: {why}")
     windows = [getattr(layer, "sliding_window", None) if getattr(layer, "is_sliding", False) else None
                for layer in DynamicCache(config=model.config).layers]  # transformers' own reading of the config
-    if any(windows) and windows != adapter.windows:
+    # transformers' cache keeps a chunked layer's keys as a sliding layer's, the chunk as its window
+    local = [w if w is not None else c for w, c in zip(adapter.windows, adapter.chunks, strict=True)]
+    if any(windows) and windows != local:
         raise SkipitError(
             f"{name}'s sliding windows per layer {windows} (its cache) differ from those of its layer types "
-            f"{adapter.windows}: skip plans cannot tell which mask each layer uses"
+            f"{local}: skip plans cannot tell which mask each layer uses"
         )
     if plan.prune_vision_after is not None and plan.prune_vision_rank in ("attention", "dart"):
         # FastV's weights and DART's keys are computed beside the layer, from its own projections
         adapter.check_ranking(adapter.layers[plan.prune_vision_after])
+        if adapter.chunks[plan.prune_vision_after] is not None:  # the weights beside it know no chunks
+            raise SkipitError(f"pruning vision tokens by attention is not supported in {name}'s chunked layers")
     generation = getattr(model, "generation_config", None)
     if getattr(generation, "cache_implementation", None) not in (None, "dynamic"):
         raise SkipitError(

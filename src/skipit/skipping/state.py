@@ -77,18 +77,18 @@ class LayerRun:
         self.keep = keep  # (batch, n) False at padding slots of ragged rows, or None: no padding slot
         self.size = size
         self.attention_only = attention_only
-        self._masks = masks  # window -> the mask of this run's queries for layers with that sliding window
+        self._masks = masks  # (window, chunk) -> the mask of this run's queries for layers with that window, chunk
         self._built = {}
         self._pe = None
 
-    def mask(self, window: int | None):
+    def mask(self, window: int | None, chunk: int | None = None):
         """The attention mask of this run's queries on the group's cached keys, in a layer with sliding window
-        `window` (None: full attention); built once per window."""
+        `window` and attention chunk `chunk` (None: none); built once per kind of layer."""
         if self._masks is None:
             return None
-        if window not in self._built:
-            self._built[window] = self._masks(window)
-        return self._built[window]
+        if (window, chunk) not in self._built:
+            self._built[window, chunk] = self._masks(window, chunk)
+        return self._built[window, chunk]
 
     def positions(self, position_embeddings, adapter: Adapter):
         """The rotary (cos, sin) of exactly this run's tokens, so each keeps its original position (M-RoPE too)."""
@@ -119,6 +119,8 @@ class ForwardStep:
         else:
             self.valid = mask[:, -T:].to(self.device, torch.bool)
             self.all_valid = bool(self.valid.all())
+        # left padding per row, from which chunked layers count their chunks (as `create_chunked_causal_mask`)
+        self.left_padding = None if mask is None else (mask.cumsum(-1) == 0).sum(-1).to(self.device)
         vision = call.vision
         self.vision = vision.to(self.device) if vision is not None and bool(vision.any()) else None
         blocks = call.blocks
@@ -259,14 +261,14 @@ class ForwardStep:
         # the slots cached so far (later runs of this call append more, which these queries do not see)
         k_index, k_valid, k_block, k_dense = keys.index, keys.valid, keys.block, keys.dense
 
-        def masks(window):
-            return self._mask(k_index, k_valid, k_block, k_dense, before, index, block, ordered, window)
+        def masks(window, chunk):
+            return self._mask(k_index, k_valid, k_block, k_dense, before, index, block, ordered, window, chunk)
 
         return LayerRun(take, keep, size, masks)
 
     def _mask(self, k_index: torch.Tensor, k_valid: torch.Tensor, k_block: torch.Tensor | None, dense: bool,
               before: int, q_index: torch.Tensor, q_block: torch.Tensor | None, ordered: bool,
-              window: int | None):  # fmt: skip
+              window: int | None, chunk: int | None = None):  # fmt: skip
         """The attention mask of queries at original indices `q_index` on the keys at `k_index` (every key the group
         has cached), in a layer with sliding window `window` (None: full attention).
 
@@ -274,14 +276,16 @@ class ForwardStep:
         assume the layer sees the whole sequence. A query at index q sees a key at index k when k <= q and, in a
         sliding layer, k > q - window (transformers' `sliding_window_overlay`); two tokens of the same bidirectional
         block (`Adapter.blocks`) see each other whatever their order, inside the window in a sliding layer (Gemma 3's
-        AND(window, OR(causal, block))). Invalid slots (left padding, padding slots of ragged subsets) are masked
-        out.
+        AND(window, OR(causal, block))). In a chunked layer a query sees the keys of its own chunk only, chunks
+        counted from the row's first real token (transformers' `chunked_overlay`). Invalid slots (left padding,
+        padding slots of ragged subsets) are masked out.
         """
         n = q_index.shape[1]
         sdpa = self.adapter.attn_implementation == "sdpa"
         bidirectional = q_block is not None and bool((q_block >= 0).any())
         # whether the window leaves out any key of any query (conservatively: the farthest pair)
         cuts = window is not None and int(q_index.max()) - int(k_index.min()) >= window
+        cuts = cuts or (chunk is not None and int(q_index.max()) >= chunk)  # a query may be past the first chunk
         # No mask where SDPA's own handling is exact: one query that may see every key, or a plain causal prefill
         # (in attention that is causal when given no mask).
         shortcut = n == 1 or (sdpa and ordered and before == 0 and self.adapter.causal_without_mask)
@@ -301,6 +305,9 @@ class ForwardStep:
             if same is not None and not self.adapter.blocks_in_window:
                 inside = inside | same  # OR(AND(window, causal), block): a block pair attends across the window
             allowed = allowed & inside
+        if chunk is not None:
+            pad = 0 if self.left_padding is None else self.left_padding[:, None, None]
+            allowed = allowed & ((k - pad) // chunk == (q - pad) // chunk)
         allowed = allowed & k_valid[:, None, :]
         # A query always sees its own key: keeps padding queries finite (a fully masked row gives NaN in SDPA).
         rows = torch.arange(n, device=self.device)
