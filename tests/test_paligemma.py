@@ -45,6 +45,8 @@ STEPS = 8
 
 @functools.cache
 def build(family: str):
+    """A tiny PaliGemma; "<family>_eager" is the same with eager attention."""
+    family, eager = family.removesuffix("_eager"), family.endswith("_eager")
     torch.manual_seed(0)
     if family == "paligemma":
         text = GemmaConfig(**TEXT, head_dim=8)
@@ -54,6 +56,8 @@ def build(family: str):
     config = PaliGemmaConfig(text_config=text, vision_config=SiglipVisionConfig(**SIGLIP, image_size=8, patch_size=4),
                              image_token_id=IMAGE, projection_dim=TEXT["hidden_size"])  # fmt: skip
     model = PaliGemmaForConditionalGeneration(config)
+    if eager:
+        model.set_attn_implementation("eager")
     model.generation_config.eos_token_id = None  # random weights: always decode the full length
     model.generation_config.pad_token_id = 0
     return model.eval()
@@ -101,17 +105,21 @@ def reference_mask(rows: torch.Tensor, window: int | None = None, blocks: torch.
     return allowed[None, None]
 
 
+def is_paligemma(family: str) -> bool:
+    return ts.base(family) == "paligemma"
+
+
 @pytest.fixture(autouse=True)
 def paligemma_machinery(monkeypatch):
     """test_skipping's helpers, taught PaliGemma: its models and inputs, 1-indexed positions (generate() adds 1 to
     the usual ones), its prefix block and mask in the reference; other families as they were."""
     for name, ours in (("build", build), ("make_inputs", make_inputs), ("reference_blocks", reference_blocks)):
         theirs = getattr(ts, name)
-        monkeypatch.setattr(ts, name, lambda family, *a, _o=ours, _t=theirs: (_o if family in FAMILIES else _t)(
+        monkeypatch.setattr(ts, name, lambda family, *a, _o=ours, _t=theirs: (_o if is_paligemma(family) else _t)(
             family, *a))  # fmt: skip
     with_positions = ts.with_positions
     monkeypatch.setattr(ts, "with_positions", lambda family, inputs: dict(
-        inputs, position_ids=inputs["attention_mask"].cumsum(-1)) if family in FAMILIES else with_positions(
+        inputs, position_ids=inputs["attention_mask"].cumsum(-1)) if is_paligemma(family) else with_positions(
         family, inputs))  # fmt: skip
     monkeypatch.setattr(ts, "reference_mask", reference_mask)
     monkeypatch.setattr(ts, "VLMS", [*ts.VLMS, "paligemma"])
@@ -252,3 +260,15 @@ def test_continuing_a_cache_with_pixels_and_a_prefix_is_refused():
     finally:
         remove_plan(model)
     assert "\n" not in str(info.value)
+
+
+def test_eager_attention_matches_reference():
+    """Eager attention: the model's masks are always built (causal without token_type_ids, even unpadded)."""
+    family = "paligemma_eager"
+    assert build(family).config.text_config._attn_implementation == "eager"
+    plan = Plan.for_model(build(family), **PLANS["combined-frozen"])
+    ts.check_against_reference(family, plan, make_inputs(family, 4), steps=4)
+    inputs = make_inputs(family, 1)
+    del inputs["token_type_ids"]
+    ts.check_against_reference(family, Plan.for_model(build(family)), inputs, steps=4)  # the model's mask: causal
+    assert ts.check_against_reference(family, plan, inputs, steps=4) > 1e-2
