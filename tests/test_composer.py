@@ -123,7 +123,7 @@ def test_budget_is_met_on_the_calibration_prompts(tiny_llava, calib):
 
 def test_layers_before_a_plans_first_change_replay_the_untouched_outputs_and_give_the_same_kl(tiny_llava, calib):
     from skipit.adapters import get_adapter
-    from skipit.composer import ModelMeasurer, candidates, first_changed_layer, plan_fields
+    from skipit.composer import ModelMeasurer, candidates, plan_fields
 
     model, processor = tiny_llava
     layers = get_adapter(model).layers
@@ -136,9 +136,9 @@ def test_layers_before_a_plans_first_change_replay_the_untouched_outputs_and_giv
         plans = [p for d in candidates(len(layers), step=1) if (p := _applied(empty, d, plan_fields)) is not None]
         plans.append(empty.with_decisions(early_exit=4, prune_vision_after=2, prune_vision_keep=0.5,
                                           frozen_vision_layers=[1]))  # fmt: skip
-        assert {first_changed_layer(p) for p in plans} == set(range(len(layers)))
+        assert {_first_changed_layer(p) for p in plans} == set(range(len(layers)))
         for plan in plans:
-            c = first_changed_layer(plan)
+            c = _first_changed_layer(plan)
             calls[:] = [0] * len(layers)
             got = fast.kl(plan, "score")
             assert calls[:c] == [0] * c, plan  # replayed, not run
@@ -233,9 +233,9 @@ def test_cli_composed_plan(tiny_llava, tiny_llava_dir, tmp_path, monkeypatch, ca
 def test_composer_replay_of_unchanged_layers_equals_running_them(family):
     """The composed planner replays the untouched outputs of the layers before a plan's first change: with
     injections (DeepStack), image blocks and sliding windows, the KLs equal those of running every layer."""
-    from skipit.composer import ModelMeasurer, candidates, first_changed_layer, plan_fields
-
     from test_skipping import build, make_inputs
+
+    from skipit.composer import ModelMeasurer, candidates, plan_fields
 
     model, inputs = build(family), make_inputs(family, 4)
     batches = {"score": [inputs], "heldout": [inputs]}
@@ -247,6 +247,14 @@ def test_composer_replay_of_unchanged_layers_equals_running_them(family):
             got = fast.kl(plan, "score")
         except SkipitError:  # a plan this family refuses (every layer skipped, say)
             continue
-        firsts.add(first_changed_layer(plan))
+        firsts.add(_first_changed_layer(plan))
         assert got == pytest.approx(slow.kl(plan, "score"), abs=1e-6), decision
     assert len(firsts) > 2
+
+
+def _first_changed_layer(plan: Plan) -> int:
+    """The first layer whose input or work `plan` changes (a layer that ranks vision tokens for pruning counts)."""
+    from skipit.skipping.layer import ranks_at
+
+    roles = plan.roles()
+    return next((j for j, role in enumerate(roles) if role != "all" or ranks_at(plan, j) is not None), len(roles))

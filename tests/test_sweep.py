@@ -229,3 +229,32 @@ def test_untimed_plans_are_scored_with_their_ideal_speedups_and_timed_when_asked
     again = {r["name"]: r for r in sweep.run(model, processor, test, tmp_path, plans, repeats=1)["plans"]}
     assert calls == [True]  # only the plan saved untimed is measured again, now timed
     assert again["layer_skip_3"]["timed"] is True and again["layer_skip_3"]["prefill_speedup"] > 0
+
+
+def test_answers_replaying_the_untouched_prefill_equal_answers_computed_in_full(setup):
+    from skipit.adapters import get_adapter
+    from skipit.replay import Recorder
+
+    model, processor, test, _, _ = setup
+    grid = sweep.grid(model, step=1)
+    enc = sweep.speed_batch(model, processor, test)
+    batches = vqa.encode_batches(model, processor, test, batch_size=4)  # two batches of other lengths
+    recorder = Recorder(model)
+    sweep.measure_plan(model, processor, test, grid["empty"][1], enc, 4, 1, batches, timed=False, replay=recorder)
+    assert all(len(calls) == 2 for calls in recorder.calls)  # every layer's prefill, per batch
+    calls = [0] * len(get_adapter(model).layers)
+    hooks = [layer.register_forward_hook(lambda *a, j=j: calls.__setitem__(j, calls[j] + 1))
+             for j, layer in enumerate(get_adapter(model).layers)]  # fmt: skip
+    try:
+        for name, first in (("layer_skip_3", 3), ("early_exit_2", 3), ("vision_frozen_4", 4), ("late_entry_1", 0)):
+            calls[:] = [0] * len(calls)
+            fast = sweep.measure_plan(model, processor, test, grid[name][1], enc, 4, 1, batches, timed=False,
+                                      replay=recorder)  # fmt: skip
+            replayed, calls[:] = calls[:], [0] * len(calls)
+            slow = sweep.measure_plan(model, processor, test, grid[name][1], enc, 4, 1, batches, timed=False)
+            assert fast["predictions"] == slow["predictions"], name
+            # the layers before the plan's first change ran for the decoding steps only, not for the prefill
+            assert [r - c for r, c in zip(replayed, calls, strict=True)] == [-2] * first + [0] * (len(calls) - first), name
+    finally:
+        for hook in hooks:
+            hook.remove()

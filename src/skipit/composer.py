@@ -51,6 +51,7 @@ from skipit.flops import batch_costs
 from skipit.intervals import mean_interval
 from skipit.plan import Plan
 from skipit.prompts import record_inputs
+from skipit.replay import Recorder, replaying
 from skipit.skipping import apply_plan, remove_plan
 
 KAPPA = 0.02  # nats: the composed KL allowed when no budget is given (the functional planner's Pinsker argument)
@@ -206,53 +207,22 @@ def encode(model, inputs: dict) -> dict:
         return model._prepare_multimodal_encoder_kwargs_for_generation(dict(inputs))
 
 
-class _Replay(torch.nn.Module):
-    """Stands in for a decoder layer that a plan leaves as it is and whose input the plan does not change: returns
-    the output the untouched model's layer gave on the same batch instead of computing it again."""
-
-    def __init__(self, layer: torch.nn.Module, outputs: list):
-        super().__init__()
-        self.layer, self.outputs, self.batch = layer, outputs, 0
-
-    def __getattr__(self, name):  # the engine reads the layer's attributes (its attention, its window)
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self.layer, name)
-
-    def forward(self, *args, **kwargs):
-        out = self.outputs[self.batch]
-        return out.clone() if isinstance(out, torch.Tensor) else out  # what follows may write into it
-
-
-def first_changed_layer(plan: Plan) -> int:
-    """The first layer whose input or work `plan` changes (one that ranks vision tokens for pruning counts): every
-    layer before it computes what it computes in the untouched model."""
-    from skipit.skipping.layer import ranks_at
-
-    roles = plan.roles()
-    return next((j for j, role in enumerate(roles) if role != "all" or ranks_at(plan, j) is not None), len(roles))
-
-
 class ModelMeasurer(Measurer):
     """KL and FLOPs of plans of `model` on two sets of calibration records, from inputs encoded once.
 
-    A plan changes nothing before its first changed layer c (`first_changed_layer`), so layers 0..c-1 replay the
-    untouched model's outputs, recorded once per batch, instead of running again: a decision at layer j costs the
-    layers from j on, as the ablation KL's reruns do (`skipit.capture`)."""
+    The layers a plan leaves as they are, before its first change, replay the untouched model's prefill instead of
+    running again (`skipit.replay`): a decision at layer j costs the layers from j on."""
 
     def __init__(self, model, processor, score: Sequence, heldout: Sequence, batch_size: int = 16,
                  replay: bool = True, batches: dict[str, list[dict]] | None = None):  # fmt: skip
         """`batches`: {"score": [...], "heldout": [...]} model inputs, instead of the records' (`processor`, `score`
         and `heldout` are then not read)."""
-        from skipit.adapters import get_adapter
-
-        self.model, self.layers, self.replay = model, get_adapter(model).layers, replay
+        self.model, self.replay = model, replay
         self.batches = batches or {
             split: [encode(model, record_inputs(processor, rows[i:i + batch_size], device=model.device))
                     for i in range(0, len(rows), batch_size)]
             for split, rows in (("score", score), ("heldout", heldout))}  # fmt: skip
-        self.outputs = {split: [[] for _ in self.layers] for split in self.batches}  # [layer][batch]
+        self.recorders = {split: Recorder(model) for split in self.batches}
         self.reference = {split: self._logprobs(split, None) for split in self.batches}
         self.plain_prefill = sum(batch_costs(model, b, None, 1)["prefill"] for b in self._all())
         super().__init__(self._measure_kl, self._measure_saving)
@@ -262,29 +232,17 @@ class ModelMeasurer(Measurer):
 
     @torch.inference_mode()
     def _logprobs(self, split: str, plan: Plan | None) -> torch.Tensor:
-        if plan is None:  # the untouched model: record each layer's output for the plans' replays
-            outputs = self.outputs[split]
-            hooks = [layer.register_forward_hook(lambda m, a, out, j=j: outputs[j].append(out))
-                     for j, layer in enumerate(self.layers)]  # fmt: skip
+        if plan is None:  # the untouched model, recorded for the plans' replays
+            context = self.recorders[split]
         else:
             apply_plan(self.model, plan)
-            replays = [_Replay(self.layers[j].base_layer, self.outputs[split][j])
-                       for j in range(first_changed_layer(plan) if self.replay else 0)]  # fmt: skip
-            for j, replay in enumerate(replays):
-                self.layers[j].base_layer = replay
+            context = replaying(self.model, self.recorders[split] if self.replay else None)
         try:
-            out = []
-            for i, b in enumerate(self.batches[split]):
-                for replay in [] if plan is None else replays:
-                    replay.batch = i
-                out.append(torch.log_softmax(self.model(**b, logits_to_keep=1).logits[:, -1].float(), -1))
+            with context:
+                out = [torch.log_softmax(self.model(**b, logits_to_keep=1).logits[:, -1].float(), -1)
+                       for b in self.batches[split]]  # fmt: skip
         finally:
-            if plan is None:
-                for hook in hooks:
-                    hook.remove()
-            else:
-                for j, replay in enumerate(replays):
-                    self.layers[j].base_layer = replay.layer
+            if plan is not None:
                 remove_plan(self.model)
         return torch.cat(out)
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import random
 from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 
 from skipit import baselines
@@ -29,6 +30,7 @@ from skipit.io import write_json
 from skipit.measures import spearman
 from skipit.plan import Plan, fingerprint
 from skipit.planner import MEASURES, ablation_kl, is_safe, make_plan, predicted_damage
+from skipit.replay import Recorder, replaying
 from skipit.skipping import apply_plan, remove_plan
 
 FORMAT, VERSION = "skipit-sweep", 1
@@ -89,14 +91,18 @@ def compared_plans(model, processor, calib, analysis: dict, encoded: dict, budge
 
 
 def measure_plan(model, processor, records, plan: Plan, encoded: dict, batch_size: int, repeats: int,
-                 answer_batches: list[dict] | None = None, warmup: int = 1, timed: bool = True) -> dict:  # fmt: skip
+                 answer_batches: list[dict] | None = None, warmup: int = 1, timed: bool = True,
+                 replay: Recorder | None = None) -> dict:  # fmt: skip
     """Accuracy of `plan` on `records`, and its speed measured side by side with the untouched model.
     `answer_batches`: the records' inputs with their images encoded once for the whole sweep (`vqa.encode_batches`);
     `warmup`: untimed rounds first (the sweep warms up once, on its first plan). With `timed` False, only the ideal
-    (FLOPs, KV bytes) ratios: the measured speed-ups are None."""
+    (FLOPs, KV bytes) ratios: the measured speed-ups are None. `replay`: the empty plan's answering records the
+    untouched prefill into it, and other plans' answering replays the layers it leaves as they are
+    (`skipit.replay`; never while timing)."""
     apply_plan(model, plan)
     try:
-        result = vqa.evaluate(model, processor, records, batch_size=batch_size, encoded=answer_batches)
+        with nullcontext() if replay is None else replay if plan.is_empty else replaying(model, replay):
+            result = vqa.evaluate(model, processor, records, batch_size=batch_size, encoded=answer_batches)
     finally:
         remove_plan(model)
     scored = {"accuracy": result["accuracy"], "per_type": {t: v["accuracy"] for t, v in result["per_type"].items()},
@@ -204,6 +210,7 @@ def run(
     check_saved(run_dir, key, restart)
     encoded = speed_batch(model, processor, records) if encoded is None else encoded
     answer_batches = None  # the vision encoder runs once per record for the whole sweep, when a plan needs answers
+    recorder = Recorder(model)  # the untouched prefill, for the layers each plan leaves as they are
     done, measured = {}, 0  # measured: plans timed in this call (the first one warms the model up)
     for name, (family, plan) in plans.items():
         path = run_dir / "plans" / f"{name}.json"
@@ -227,7 +234,7 @@ def run(
             if answer_batches is None:
                 answer_batches = vqa.encode_batches(model, processor, records, batch_size)
             row |= measure_plan(model, processor, records, plan, encoded, batch_size, repeats, answer_batches,
-                                warmup=0 if measured else 1, timed=wanted)  # fmt: skip
+                                warmup=0 if measured else 1, timed=wanted, replay=recorder)  # fmt: skip
             measured += wanted
         write_json(path, row)
         done[name] = row
