@@ -173,12 +173,15 @@ class Measurer:
         self._kl, self._saving = kl, saving
         self._cache: dict = {}
         self.measured = {"score": 0, "heldout": 0}  # plans run on each split
+        self.on_measure: Callable[[], None] | None = None  # told after each plan run (progress)
 
     def kl(self, plan: Plan, split: str) -> list[float]:
         key = (split, _key(plan))
         if key not in self._cache:
             self._cache[key] = self._kl(plan, split)
             self.measured[split] += 1
+            if self.on_measure:
+                self.on_measure()
         return self._cache[key]
 
     def mean_kl(self, plan: Plan, split: str) -> float:
