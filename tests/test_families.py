@@ -20,7 +20,7 @@ from transformers import (
 
 from skipit import compat
 from skipit.adapters import FAMILIES, get_adapter
-from skipit.adapters.base import layer_types
+from skipit.adapters.base import Adapter, layer_types
 from skipit.capture import Calibrator, hooks
 from skipit.errors import SkipitError
 from skipit.measures.functional import kl_from_logits
@@ -201,11 +201,10 @@ def test_gemma3_blocks_continuing_a_cache_are_refused():
     assert "\n" not in str(info.value)
 
 
-def test_a_family_refused_by_the_registry_names_why():
-    """Refusals the registry states (Qwen3.5) come with their reason (PaliGemma, Llama 4: their own test files)."""
-    refused = {f.name: f.refused for f in FAMILIES if f.refused}
-    assert set(refused) == {"Qwen3.5", "Qwen3.5 text"}
-    assert "linear-attention" in refused["Qwen3.5"]
+def test_no_family_is_refused_by_the_registry():
+    """Every listed family runs skip plans (Qwen3.5's linear-attention layers: tests/test_qwen3_5.py); what one model
+    cannot run is refused by its adapter, per plan or call, with its reason."""
+    assert [f.name for f in FAMILIES if f.refused] == []
 
 
 def test_unsupported_layout_is_one_line_naming_what_was_looked_for():
@@ -265,9 +264,15 @@ def tiny_qwen3_5():
     return AutoModelForCausalLM.from_config(config).eval()
 
 
-def test_hybrid_linear_attention_is_refused():
+def test_hybrid_linear_attention_refusals():
+    """Qwen3.5 runs skip plans (tests/test_qwen3_5.py); attention statistics and attention-ranked pruning need
+    softmax attention, which its linear-attention layers do not have: refused in one line."""
     model = tiny_qwen3_5()
-    _refused(model, r"Qwen3_5ForCausalLM: it has hybrid linear-attention layers")
+    # the generic adapter (an unlisted hybrid model) refuses linear-attention layers it does not know
+    assert Adapter(model).plan_refusal() == ("it has hybrid linear-attention layers (a recurrent state, not per-token "
+                                             "keys; served for Qwen3.5's Gated DeltaNet only): layers [0, 2, 4]")
+    with pytest.raises(SkipitError, match=r"not supported after linear-attention layer 2 of Qwen3_5ForCausalLM"):
+        apply_plan(model, Plan.for_model(model, prune_vision_after=2, prune_vision_keep=0.5))
     with pytest.raises(SkipitError, match=r"layers \[0, 2, 4\] of Qwen3_5ForCausalLM have none .* attention=False"):
         Calibrator(model, attention=True)
     with Calibrator(model, CONFIG, attention=False) as cal:  # hidden states and the logit lens need no attention

@@ -65,7 +65,8 @@ VIDEO_TOKEN_NAMES = ("video_token_id", "video_token_index")
 SERVED_KINDS = ("full_attention", "sliding_attention", "chunked_attention")
 # Layer kinds the engine cannot run on a token subset, and why.
 LAYER_KINDS = {
-    "linear_attention": "hybrid linear-attention layers (a recurrent state over every token, not per-token keys)",
+    "linear_attention": "hybrid linear-attention layers (a recurrent state, not per-token keys; served for Qwen3.5's "
+                        "Gated DeltaNet only)",
 }
 
 
@@ -216,12 +217,22 @@ class Adapter:
         blocks."""
         return None
 
+    # Layer kinds this adapter runs under plans; a family adapter may add "linear_attention" (see `recurrent`).
+    served_kinds = SERVED_KINDS
+
+    @property
+    def recurrent(self) -> list[bool]:
+        """Whether each decoder layer is a linear-attention layer (a recurrent state and a short causal conv over
+        the tokens it processes, in order, instead of cached keys): the engine gives it the 2-D padding mask of its
+        tokens, as transformers' `create_recurrent_attention_mask` does, not an attention mask."""
+        return [kind == "linear_attention" for kind in layer_types(self.backbone.config)]
+
     def plan_refusal(self) -> str | None:
         """Why a non-empty skip plan cannot run exactly on this model (one clause), or None."""
         config = self.backbone.config
         kinds = layer_types(config)
         for kind in dict.fromkeys(kinds):
-            if kind not in SERVED_KINDS:
+            if kind not in self.served_kinds:
                 layers = [j for j, k in enumerate(kinds) if k == kind]
                 why = LAYER_KINDS.get(kind, f"{kind!r} layers (only full and sliding-window attention are supported)")
                 return f"it has {why}: layers {layers}"

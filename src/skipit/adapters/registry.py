@@ -17,6 +17,7 @@ from skipit.adapters.base import Adapter
 from skipit.adapters.gemma3 import Gemma3Adapter
 from skipit.adapters.llama4 import Llama4Adapter
 from skipit.adapters.paligemma import PaliGemmaAdapter
+from skipit.adapters.qwen3_5 import Qwen3_5Adapter
 from skipit.adapters.qwen3_vl import Qwen3VLAdapter
 
 VLM, CAUSAL_LM = "vlm", "causal_lm"
@@ -36,7 +37,6 @@ class Family:
         return f"{self.name}s ({', '.join(self.model_types)})"
 
 
-LINEAR = "it has hybrid linear-attention layers (a recurrent state over every token, not per-token keys)"
 FAMILIES: tuple[Family, ...] = (
     Family("LLaVA", ("llava",)),
     Family("LLaVA-NeXT", ("llava_next",)),
@@ -53,8 +53,8 @@ FAMILIES: tuple[Family, ...] = (
     Family("PaliGemma", ("paligemma",), adapter=PaliGemmaAdapter),  # the prefix (image and prompt) is one block
     Family("Llama 4", ("llama4",), adapter=Llama4Adapter),  # chunked layers, complex rotary, NoPE layers
     Family("Llama 4 text model", ("llama4_text",), kind=CAUSAL_LM, adapter=Llama4Adapter),
-    Family("Qwen3.5", ("qwen3_5", "qwen3_5_moe"), refused=LINEAR),
-    Family("Qwen3.5 text", ("qwen3_5_text", "qwen3_5_moe_text"), kind=CAUSAL_LM, refused=LINEAR),
+    Family("Qwen3.5", ("qwen3_5", "qwen3_5_moe"), adapter=Qwen3_5Adapter),  # hybrid linear attention
+    Family("Qwen3.5 text model", ("qwen3_5_text", "qwen3_5_moe_text"), kind=CAUSAL_LM, adapter=Qwen3_5Adapter),
     Family("causal LM", ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "smollm3"),
            kind=CAUSAL_LM),
 )

@@ -10,7 +10,7 @@ from torch import nn
 from skipit import compat
 from skipit.errors import SkipitError
 from skipit.plan import FROZEN, PRUNED, SKIP, Plan
-from skipit.skipping.state import gather_tokens
+from skipit.skipping.state import gather_tokens, padding_mask, scatter_tokens
 
 if TYPE_CHECKING:
     from skipit.skipping.model import PlanRuntime
@@ -26,13 +26,16 @@ class SkipLayer(nn.Module):
     """
 
     def __init__(self, base_layer: nn.Module, role: str, runtime: PlanRuntime, last: bool = False,
-                 ranks: str | None = None, window: int | None = None, chunk: int | None = None):  # fmt: skip
+                 ranks: str | None = None, window: int | None = None, chunk: int | None = None,
+                 recurrent: bool = False, index: int = 0):  # fmt: skip
         super().__init__()
         self.base_layer = base_layer
         self.role = role
         self.runtime = runtime
         # the layer's sliding window and attention chunk (None: none); its masks are built for them on original indices
         self.window, self.chunk = window, chunk
+        # a linear-attention layer (`Adapter.recurrent`), and its index in the cache
+        self.recurrent, self.index = recurrent, index
         # the backbone's last layer hands the full sequence to the final norm; so does a layer whose output the
         # model edits before the next layer (Qwen3-VL's deepstack injection, `Adapter.injected_after`)
         self.last = last
@@ -51,7 +54,8 @@ class SkipLayer(nn.Module):
     def extra_repr(self) -> str:
         return (f"role={self.role!r}" + (f", ranks={self.ranks!r}" if self.ranks else "")
                 + (f", window={self.window}" if self.window is not None else "")
-                + (f", chunk={self.chunk}" if self.chunk is not None else ""))  # fmt: skip
+                + (f", chunk={self.chunk}" if self.chunk is not None else "")
+                + (", recurrent" if self.recurrent else ""))  # fmt: skip
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self.runtime.passthrough:  # an empty plan changes nothing: no bookkeeping at all
@@ -65,7 +69,8 @@ class SkipLayer(nn.Module):
         cache_name = compat.cache_kwarg(kwargs)  # passed on under the name the model used (renamed in 5.24)
         cache = kwargs.get(cache_name)
         step = self.runtime.step(cache, hidden_states)
-        if cache is None and self.role == FROZEN:  # a throwaway cache lets text tokens attend to the vision keys
+        # a throwaway cache lets text tokens attend to the vision keys (a linear-attention layer runs them in order)
+        if cache is None and self.role == FROZEN and not self.recurrent:
             cache = step.scratch_cache
         kwargs[cache_name] = cache
         kwargs["position_ids"] = None  # only flash attention reads them, and plans do not run with it
@@ -80,6 +85,8 @@ class SkipLayer(nn.Module):
                 step.rank_states(hidden_states)
         if self.role == SKIP:
             return hidden_states
+        if self.recurrent:
+            return self._recurrent(step, hidden_states, kwargs)
         for run in step.runs(self.role):
             if run.size == 0:
                 continue
@@ -97,6 +104,37 @@ class SkipLayer(nn.Module):
                     out = torch.where(run.keep[..., None], out, sub)
                 hidden_states = step.compact(out, run.take)
         return step.expand(hidden_states) if self.last else hidden_states
+
+    def _recurrent(self, step, hidden_states: torch.Tensor, kwargs: dict) -> torch.Tensor:
+        """A linear-attention layer: its recurrent state and short causal conv run over the tokens it processes, in
+        sequence order (those it does not process are not in its sequence at all), and it gets their 2-D padding
+        mask (it zeroes the inputs of padding tokens, which then leave a zero state at zero)."""
+        if self.role == FROZEN and step.vision is not None:
+            # frozen vision tokens feed the state in sequence order (as their keys do in attention), keep their states
+            full = step.expand(hidden_states)
+            out = self.base_layer(full, **{**kwargs, "attention_mask": padding_mask(step.valid)})
+            out = torch.where(step.vision[..., None], full, out)
+        else:
+            (run,) = step.runs(self.role)  # every other role makes one run
+            sub = step.expand(hidden_states) if run.take is None else step.subset(hidden_states, run.take)
+            x, valid, order = sub, run.valid, None
+            if run.keep is not None:
+                # ragged rows: padding slots go first, where their zeroed inputs leave the fresh state at zero
+                cache = compat.get_cache(kwargs)
+                if cache is not None and cache.get_conv_state(self.index) is not None:
+                    raise SkipitError(
+                        f"linear-attention layer {self.index} would run on different numbers of tokens per row in "
+                        "a call that continues its cache (padding slots would decay its recurrent state): not "
+                        "supported under this plan"
+                    )
+                order = torch.sort(run.keep.to(torch.int8), dim=1, stable=True).indices
+                x, valid = gather_tokens(sub, order), valid.gather(1, order)
+            out = self.base_layer(x, **{**kwargs, "attention_mask": padding_mask(valid)})
+            if order is not None:  # back to the subset's order; padding slots write back what they read
+                out = torch.where(run.keep[..., None], scatter_tokens(out, order, out), sub)
+            if run.take is not None:
+                out = step.compact(out, run.take)
+        return step.expand(out) if self.last else out
 
 
 def ranks_at(plan: Plan, j: int) -> str | None:

@@ -35,8 +35,12 @@ class PlanRuntime:
         self.call: ForwardCall | None = None
         self._step: ForwardStep | None = None
         self.hooks = []
-        roles = plan.roles()
-        self.first_layer = {r: roles.index(r) for r in dict.fromkeys(roles) if r != SKIP}  # a layer per role
+        roles, recurrent = plan.roles(), adapter.recurrent
+        # a layer per role that caches keys (a linear-attention layer keeps a fixed-size state instead)
+        self.first_layer = {}
+        for j, role in enumerate(roles):
+            if role != SKIP and not recurrent[j]:
+                self.first_layer.setdefault(role, j)
 
     def before_forward(self, module, args, kwargs):
         if self.passthrough:
@@ -157,7 +161,8 @@ def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
         # a layer whose output the model edits before the next layer (an injection) hands on the whole sequence
         whole = j == len(layers) - 1 or j in adapter.injected_after
         layers[j] = SkipLayer(layers[j], role, runtime, last=whole, ranks=ranks_at(plan, j),
-                              window=adapter.windows[j], chunk=adapter.chunks[j])  # fmt: skip
+                              window=adapter.windows[j], chunk=adapter.chunks[j], recurrent=adapter.recurrent[j],
+                              index=j)  # fmt: skip
     runtime.hooks = [
         model.register_forward_pre_hook(runtime.before_forward, with_kwargs=True),
         model.register_forward_hook(runtime.after_forward, always_call=True),

@@ -69,12 +69,19 @@ class CacheState:
         self.keys: dict[str, CachedKeys] = {}  # per role
 
 
+def padding_mask(valid: torch.Tensor) -> torch.Tensor | None:
+    """The 2-D mask a linear-attention layer gets for tokens whose validity is `valid` (batch, n), as transformers'
+    `create_recurrent_attention_mask` builds it: None for one token or when every token is real (nothing to zero)."""
+    return None if valid.shape[1] == 1 or bool(valid.all()) else valid
+
+
 class LayerRun:
     """One run of a layer (or of its attention only) on a subset of the current tokens."""
 
-    def __init__(self, take, keep, size, masks=None, attention_only=False):
+    def __init__(self, take, keep, size, masks=None, attention_only=False, valid=None):
         self.take = take  # (batch, n) token indices in the current call, or None: all tokens in order
         self.keep = keep  # (batch, n) False at padding slots of ragged rows, or None: no padding slot
+        self.valid = valid  # (batch, n) whether each slot is a real token (not padding, not a padding slot)
         self.size = size
         self.attention_only = attention_only
         self._masks = masks  # (window, chunk) -> the mask of this run's queries for layers with that window, chunk
@@ -257,14 +264,14 @@ class ForwardStep:
         dense = self.all_valid and keep is None
         before = keys.add(index, valid, dense, block)
         if attention_only:
-            return LayerRun(take, keep, size, attention_only=True)
+            return LayerRun(take, keep, size, attention_only=True, valid=valid)
         # the slots cached so far (later runs of this call append more, which these queries do not see)
         k_index, k_valid, k_block, k_dense = keys.index, keys.valid, keys.block, keys.dense
 
         def masks(window, chunk):
             return self._mask(k_index, k_valid, k_block, k_dense, before, index, block, ordered, window, chunk)
 
-        return LayerRun(take, keep, size, masks)
+        return LayerRun(take, keep, size, masks, valid=valid)
 
     def _mask(self, k_index: torch.Tensor, k_valid: torch.Tensor, k_block: torch.Tensor | None, dense: bool,
               before: int, q_index: torch.Tensor, q_block: torch.Tensor | None, ordered: bool,
