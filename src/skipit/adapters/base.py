@@ -21,9 +21,13 @@ build its sliding masks and caches), its attention chunk (`chunks`, Llama 4's ch
 mask lets some tokens attend to each other bidirectionally (`token_type_ids`), the blocks of such tokens (`blocks`,
 defined by a subclass).
 
+Linear-attention layers (`recurrent`) take a 2-D padding mask instead, and run over the tokens they process in order;
+only a family adapter that knows their cache serves them (`served_kinds`, Qwen3.5).
+
 What the engine cannot reproduce is found here too (`plan_refusal`): layer kinds other than full, sliding-window and
-chunked attention (linear attention), bidirectional masks a family adapter does not define, rotary that is not a
-real (cos, sin) pair (`check_positions`, unless a family adapter slices its own kind).
+chunked attention (linear attention, outside the families that serve it), bidirectional masks a family adapter does
+not define, rotary that is not a real (cos, sin) pair (`check_positions`, unless a family adapter slices its own
+kind).
 """
 
 from __future__ import annotations
