@@ -212,3 +212,20 @@ def test_ragged_rows_continuing_a_linear_state_are_refused():
     finally:
         remove_plan(model)
     assert "\n" not in str(info.value)
+
+
+def test_positions_off_a_skipped_first_attention_layer_are_refused():
+    """transformers reads a hybrid cache's length off its first full-attention layer (1 here): a plan that skips it
+    leaves that layer empty, so a call continuing the cache must pass position_ids (generate() does)."""
+    model, inputs = build("qwen3_5_text"), ts.make_inputs("qwen3_5_text", 2)
+    apply_plan(model, Plan.for_model(model, skip_layers=[1]))
+    try:
+        with torch.no_grad():
+            out = model(**inputs, use_cache=True)
+            step = dict(input_ids=torch.ones(2, 1, dtype=torch.long),
+                        attention_mask=torch.cat([inputs["attention_mask"], torch.ones(2, 1, dtype=torch.long)], 1))
+            with pytest.raises(SkipitError, match="the first attention layer's.* pass position_ids") as info:
+                model(**step, **{compat.CACHE_KWARG: compat.output_cache(out)})
+    finally:
+        remove_plan(model)
+    assert "\n" not in str(info.value)
