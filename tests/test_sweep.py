@@ -259,3 +259,15 @@ def test_answers_replaying_the_untouched_prefill_equal_answers_computed_in_full(
     finally:
         for hook in hooks:
             hook.remove()
+
+
+def test_layer_contribution_equals_its_definition(setup):
+    # ShortV's KL(full || vision frozen at j), recomputed here plan by plan from the pixels, every layer run
+    model, processor, _, calib, _ = setup
+    full = baselines.last_logprobs(model, processor, calib)
+    empty = Plan.for_model(model)
+    slow = [baselines.kl(full, baselines.last_logprobs(model, processor, calib,
+                                                       empty.with_decisions(frozen_vision_layers=[j])))
+            for j in range(empty.num_layers)]  # fmt: skip
+    fast = baselines.layer_contribution(model, processor, calib)  # the same batches: the same padding
+    assert fast == pytest.approx(slow, rel=1e-4, abs=1e-9) and max(slow) > 1e-5

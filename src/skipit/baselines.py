@@ -162,11 +162,17 @@ def kl(p_log: torch.Tensor, q_log: torch.Tensor) -> float:
     return float((p_log.exp() * (p_log - q_log)).sum(-1).mean())
 
 
-def layer_contribution(model, processor, records) -> list[float]:
-    """ShortV's Layer Contribution of each layer for vision tokens: KL(full || vision tokens frozen at that layer)."""
-    full = last_logprobs(model, processor, records)
+def layer_contribution(model, processor, records, batch_size: int = 16) -> list[float]:
+    """ShortV's Layer Contribution of each layer for vision tokens: KL(full || vision tokens frozen at that layer),
+    mean over `records`. Measured as the composed planner measures (`skipit.composer.ModelMeasurer`): the vision
+    encoder runs once, and freezing at layer j reruns only layers j..L-1."""
+    from skipit.composer import ModelMeasurer, encode
+
+    batches = [encode(model, record_inputs(processor, records[i:i + batch_size], device=model.device))
+               for i in range(0, len(records), batch_size)]  # fmt: skip
+    measurer = ModelMeasurer(model, processor, (), (), batches={"score": batches})
     empty = Plan.for_model(model)
-    return [kl(full, last_logprobs(model, processor, records, empty.with_decisions(frozen_vision_layers=[j])))
+    return [measurer.mean_kl(empty.with_decisions(frozen_vision_layers=[j]), "score")
             for j in range(empty.num_layers)]  # fmt: skip
 
 

@@ -231,7 +231,7 @@ class ModelMeasurer(Measurer):
         super().__init__(self._measure_kl, self._measure_saving)
 
     def _all(self) -> list[dict]:
-        return self.batches["score"] + self.batches["heldout"]
+        return [b for batches in self.batches.values() for b in batches]
 
     @torch.inference_mode()
     def _logprobs(self, split: str, plan: Plan | None) -> torch.Tensor:
