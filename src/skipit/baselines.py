@@ -166,14 +166,19 @@ def layer_contribution(model, processor, records, batch_size: int = 16) -> list[
     """ShortV's Layer Contribution of each layer for vision tokens: KL(full || vision tokens frozen at that layer),
     mean over `records`. Measured as the composed planner measures (`skipit.composer.ModelMeasurer`): the vision
     encoder runs once, and freezing at layer j reruns only layers j..L-1."""
+    measurer, empty = kl_measurer(model, processor, records, batch_size), Plan.for_model(model)
+    return [measurer.mean_kl(empty.with_decisions(frozen_vision_layers=[j]), "score")
+            for j in range(empty.num_layers)]  # fmt: skip
+
+
+def kl_measurer(model, processor, records, batch_size: int = 16):
+    """Mean KL(full || plan) at the answer position over `records`, as `measurer.mean_kl(plan, "score")`: the
+    composed planner's `ModelMeasurer` (vision encoded once, the layers before a plan's first change replayed)."""
     from skipit.composer import ModelMeasurer, encode
 
     batches = [encode(model, record_inputs(processor, records[i:i + batch_size], device=model.device))
                for i in range(0, len(records), batch_size)]  # fmt: skip
-    measurer = ModelMeasurer(model, processor, (), (), batches={"score": batches})
-    empty = Plan.for_model(model)
-    return [measurer.mean_kl(empty.with_decisions(frozen_vision_layers=[j]), "score")
-            for j in range(empty.num_layers)]  # fmt: skip
+    return ModelMeasurer(model, processor, (), (), batches={"score": batches})
 
 
 @torch.inference_mode()
@@ -298,8 +303,6 @@ METHODS = available()  # the built-in methods, in registration order
 def vtw_own_k(model, processor, calib, threshold: float = 0.05) -> tuple[int | None, list[float]]:
     """VTW's rule: the earliest exit layer K whose output KL to the full model on `calib` is below `threshold`
     (None if none is), and the KL of every K."""
-    full = last_logprobs(model, processor, calib)
-    empty = Plan.for_model(model)
-    kls = [kl(full, last_logprobs(model, processor, calib, empty.with_decisions(early_exit=m))) for m in
-           range(empty.num_layers)]  # fmt: skip
+    measurer, empty = kl_measurer(model, processor, calib), Plan.for_model(model)
+    kls = [measurer.mean_kl(empty.with_decisions(early_exit=m), "score") for m in range(empty.num_layers)]
     return next((m for m, v in enumerate(kls) if v < threshold), None), kls
