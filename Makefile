@@ -12,7 +12,7 @@ NEWEST := .venv-newest
 # What depends on transformers' internals (keywords, caches, masks, positions): run again on the newest release.
 ENGINE_TESTS := tests/test_compat.py tests/test_skipping.py tests/test_capture.py tests/test_speed.py tests/test_functional_stats.py \
                 tests/test_models.py tests/test_families.py tests/test_paligemma.py tests/test_llama4.py \
-                tests/test_family_analysis.py
+                tests/test_qwen3_5.py tests/test_family_analysis.py
 
 .PHONY: demo test test-newest lint lock bench-quality clean
 

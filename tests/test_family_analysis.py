@@ -8,7 +8,9 @@ import math
 import pytest
 import test_llama4
 import test_paligemma
+import test_qwen3_5
 import test_skipping as ts
+from test_qwen3_5 import qwen3_5_machinery  # noqa: F401 (autouse: test_skipping's inputs, taught Qwen3.5's VLMs)
 
 from skipit.capture import Calibrator
 from skipit.stats import MeasureConfig, StatsConfig
@@ -56,3 +58,16 @@ def test_text_families_give_finite_text_measures(family):
     assert hidden["text"]["n_tokens"][0] > 0 and _finite(hidden["text"]["geometric"]["rho"]["mean"])
     functional = cal.functional_stats.finalize()
     assert _finite(functional["logit_lens"]["kl"]["mean"]) and _finite(functional["ablation"]["text"]["kl"]["mean"])
+
+
+@pytest.mark.parametrize("family", ["qwen3_5", "qwen3_5_moe"])
+def test_hybrid_linear_attention_vlms_give_finite_measures_for_both_modalities(family):
+    # VAR needs attention weights, which linear-attention layers do not have: the Calibrator refuses it there
+    model, inputs = test_qwen3_5.build(family), ts.make_inputs(family, 2)
+    with Calibrator(model, CONFIG, ablation=True, attention=False) as cal:
+        cal.update(inputs, ["a", "b"])
+    hidden = cal.layer_stats.finalize(MeasureConfig(informational=False))["modalities"]
+    functional = cal.functional_stats.finalize()
+    for modality in ("vision", "text"):
+        assert hidden[modality]["n_tokens"][0] > 0 and _finite(hidden[modality]["geometric"]["rho"]["mean"])
+        assert _finite(functional["ablation"][modality]["kl"]["mean"]), modality
