@@ -99,7 +99,8 @@ def test_merged_lora_equals_the_trained_adapters(tiny_llava):
 class _WordIds:
     """Tokenizer stand-in: each word is one token (as the size, colour and shape words are in SmolLM2)."""
 
-    vocab = {" small": 1, " large": 2, " red": 3, " blue": 4, " circle": 5, " square": 6}
+    vocab = {" small": 1, " large": 2, " red": 3, " blue": 4, " circle": 5, " square": 6,
+             " top": 7, " middle": 8, " bottom": 9, " left": 10, " right": 11}
 
     def __call__(self, text, add_special_tokens=False):
         return {"input_ids": [self.vocab[text]]}
@@ -111,12 +112,13 @@ def test_patch_words_mark_the_patches_each_object_covers():
 
     big = Obj("square", "red", "large", 1, 1)  # the centre cell, 0.84 of its 37 px side: the middle 2x2 patches
     small = Obj("circle", "blue", "small", 0, 0)  # 16 px across: less than one 14 px patch
-    words = patch_words([[big, small]], _WordIds(), grid=8)[0].view(8, 8, 3)
-    assert words[3:5, 3:5].tolist() == [[[2, 3, 6]] * 2] * 2
+    assert patch_words([[big, small]], _WordIds(), grid=8).shape == (1, 64, 3)  # size, colour, shape
+    words = patch_words([[big, small]], _WordIds(), grid=8, positions=True)[0].view(8, 8, 5)
+    assert words[3:5, 3:5].tolist() == [[[2, 3, 6, 8, 8]] * 2] * 2  # large red square, middle row, middle column
     assert (words[..., 1] == 3).sum() >= 4 and (words[..., 1] == 3).sum() <= 9
     assert (words[..., 1] == 4).sum() >= 1  # the small circle keeps the patch it covers most
-    assert words[1, 1].tolist() == [1, 4, 5]  # its centre, (18.7, 18.7) px, is in patch (1, 1)
-    assert words[7, 7].tolist() == [-1, -1, -1] and words[0, 7].tolist() == [-1, -1, -1]  # background
+    assert words[1, 1].tolist() == [1, 4, 5, 7, 10]  # top left; its centre, (18.7, 18.7) px, is in patch (1, 1)
+    assert words[7, 7].tolist() == [-1] * 5 and words[0, 7].tolist() == [-1] * 5  # background
 
 
 def test_align_loss_is_zero_on_the_word_embeddings_and_one_at_zero():

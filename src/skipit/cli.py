@@ -163,6 +163,8 @@ def train_mini_llava(
     n_train: Annotated[int | None, typer.Option(help="Training scenes (features cached once)")] = None,
     align_steps: Annotated[int | None, typer.Option(help="Projector-only alignment steps before the VQA steps")] = None,
     align_weight: Annotated[float | None, typer.Option(help="Alignment loss weight next to the VQA loss")] = None,
+    align_positions: Annotated[bool, typer.Option(help="Align object patches to their row and column words too "
+                                                       "(tried for v3: lower overall, docs/benchmarks.md)")] = False,
     seed: int = 0,
     device: Annotated[str, typer.Option(help="Where to train: cpu, cuda, cuda:1, ...")] = "cpu",
 ) -> None:
@@ -185,7 +187,7 @@ def train_mini_llava(
         def log(step: int, total: int, loss: float) -> None:
             bar.update(task, completed=step + 1, total=total, description=f"training (loss {loss:.3f})")
 
-        train(out, seed=seed, log=log, device=device, **options)
+        train(out, seed=seed, log=log, device=device, align_positions=align_positions, **options)
     console.print(f"trained weights written to {out}")
 
 
