@@ -48,6 +48,7 @@ from skipit.result import AnalysisResult, as_result
 from skipit.skipping import apply_plan, remove_plan
 
 FASTV_LAYER = 1  # FastV's K = 2: layers 0 and 1 see every vision token
+SHORTV_EXAMPLES = 20  # calibration records ShortV's Layer Contribution is measured on (docs/planning.md)
 DART_LAYER = 1  # DART's K = 2 as well
 DIVPRUNE_LAYER = -1  # DivPrune chooses before layer 0
 
@@ -231,7 +232,7 @@ def _vtw(ctx: BaselineContext) -> Plan:
 
 @register("shortv", "Yuan et al. (2025): freeze vision tokens where Layer Contribution is lowest")
 def _shortv(ctx: BaselineContext) -> Plan:
-    lc = ctx.cached("lc", lambda: layer_contribution(ctx.model, ctx.processor, ctx.calib))
+    lc = ctx.cached("lc", lambda: layer_contribution(ctx.model, ctx.processor, ctx.calib[:SHORTV_EXAMPLES]))
     order = sorted(range(ctx.num_layers), key=lambda j: lc[j])
     return ctx.greedy(order, lambda js: ctx.empty.with_decisions(frozen_vision_layers=js))
 
