@@ -14,6 +14,7 @@ import functools
 import pytest
 import test_skipping as ts
 import torch
+import transformers
 from test_families import _native_layer
 from test_skipping import IMAGE, PLANS, TEXT, one_thread  # noqa: F401
 from transformers import AutoConfig, AutoModelForCausalLM, Llama4Config, Llama4ForConditionalGeneration
@@ -33,8 +34,30 @@ L4_PLANS = {
 }
 
 
-@functools.cache
 def build(family: str = "llama4"):
+    """`_build(family)`, skipping the test where the installed transformers' own Llama4ForConditionalGeneration
+    cannot run a forward call (5.24.0 reads `image_outputs` off its language model's output, which has none): there
+    is nothing of skipit's to test. Only that known upstream failure skips; any other error fails the test."""
+    model = _build(family)
+    if family != "llama4_text" and (why := _upstream_failure(family)):
+        pytest.skip(f"transformers {transformers.__version__}: the untouched {type(model).__name__} fails ({why})")
+    return model
+
+
+@functools.cache
+def _upstream_failure(family: str) -> str | None:
+    try:
+        with torch.no_grad():
+            _build(family)(**make_inputs(family, 2))
+    except AttributeError as e:
+        if "image_outputs" in str(e):
+            return str(e)
+        raise
+    return None
+
+
+@functools.cache
+def _build(family: str = "llama4"):
     """The tiny Llama 4; "llama4_floor": the same with floor_scale 8, so that the NoPE layers' query scale (by
     position) differs from 1 in these short prompts (the released models: 8192); "llama4_text": its text model
     alone."""
