@@ -148,15 +148,8 @@ def test_skipping_a_layer_equals_an_identity_layer(family, monkeypatch):
     # Qwen3-VL: a layer whose output receives a DeepStack injection
     j = 1 if family in DEEPSTACK else _native_layer(model)
     with torch.no_grad():
-        apply_plan(model, Plan.for_model(model, skip_layers=[j]))
-        try:
-            planned = ts.generate(model, inputs, steps=STEPS)
-        finally:
-            remove_plan(model)
         plain = ts.generate(model, inputs, steps=STEPS)
-        monkeypatch.setattr(get_adapter(model).layers[j], "forward", lambda hidden_states, *args, **kwargs:
-                            hidden_states)  # fmt: skip
-        native = ts.generate(model, inputs, steps=STEPS)
+        planned, native = ts.skip_and_identity(model, inputs, j, monkeypatch, STEPS)
     assert torch.equal(planned.sequences, native.sequences)
     torch.testing.assert_close(torch.stack(planned.logits), torch.stack(native.logits), atol=1e-5, rtol=0)
     assert not torch.allclose(torch.stack(plain.logits), torch.stack(native.logits))

@@ -165,16 +165,12 @@ def _native(family: str, monkeypatch, skip: list[int] | None = None, plain_chunk
     (prefill and STEPS decoding steps); `plain_chunks`: the plan's masks without the chunks."""
     model, inputs = build(family), make_inputs(family, 4)
     j = _native_layer(model)
-    with monkeypatch.context() as patch, torch.no_grad():
-        apply_plan(model, Plan.for_model(model, skip_layers=[j]))
+    def drop_chunks():
         for layer in get_adapter(model).layers if plain_chunks else ():
             layer.chunk = None
-        try:
-            planned = ts.generate(model, inputs, steps=STEPS)
-        finally:
-            remove_plan(model)
-        patch.setattr(get_adapter(model).layers[j], "forward", lambda hidden_states, *args, **kwargs: hidden_states)
-        native = ts.generate(model, inputs, steps=STEPS)
+
+    with monkeypatch.context() as patch, torch.no_grad():
+        planned, native = ts.skip_and_identity(model, inputs, j, patch, STEPS, after_apply=drop_chunks)
     if not plain_chunks:
         assert torch.equal(planned.sequences, native.sequences)
     return float((torch.stack(planned.logits) - torch.stack(native.logits)).abs().max())

@@ -163,13 +163,7 @@ def _native(family: str, monkeypatch, drop_blocks: bool = False) -> float:
     with monkeypatch.context() as patch, torch.no_grad():
         if drop_blocks:
             patch.setattr(PaliGemmaAdapter, "blocks", lambda self, inputs, first_call: None)
-        apply_plan(model, Plan.for_model(model, skip_layers=[j]))
-        try:
-            planned = ts.generate(model, inputs, steps=STEPS)
-        finally:
-            remove_plan(model)
-        patch.setattr(get_adapter(model).layers[j], "forward", lambda hidden_states, *args, **kwargs: hidden_states)
-        native = ts.generate(model, inputs, steps=STEPS)
+        planned, native = ts.skip_and_identity(model, inputs, j, patch, STEPS)
     if not drop_blocks:
         assert torch.equal(planned.sequences, native.sequences)
     return float((torch.stack(planned.logits) - torch.stack(native.logits)).abs().max())

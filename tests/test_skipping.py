@@ -282,6 +282,21 @@ def generate(model, inputs: dict, steps: int = 20, do_sample: bool = False):
     )  # fmt: skip
 
 
+def skip_and_identity(model, inputs: dict, j: int, patch, steps: int, after_apply=None):
+    """The native check's two runs: generation under a plan skipping layer j, then the untouched model with layer j
+    replaced by an identity (left patched through `patch`, a monkeypatch context). `after_apply()` runs once the
+    plan is applied (to break something on purpose)."""
+    apply_plan(model, Plan.for_model(model, skip_layers=[j]))
+    try:
+        if after_apply:
+            after_apply()
+        planned = generate(model, inputs, steps=steps)
+    finally:
+        remove_plan(model)
+    patch.setattr(get_adapter(model).layers[j], "forward", lambda hidden_states, *args, **kwargs: hidden_states)
+    return planned, generate(model, inputs, steps=steps)
+
+
 class _Stop(Exception):
     pass
 
