@@ -84,6 +84,8 @@ CASES = [  # (args with {t} for the tmp folder, message fragment)
     (["data", "shapes", "--out", "{t}/shapes", "--split", "foo"], "unknown split 'foo'; available: train"),
     (["data", "shapes", "--out", "{t}/shapes", "--n", "0"], "--n must be at least 1"),
     (["plan", "{t}/nowhere", "--budget", "1.5"], "--budget is a fraction of the prefill FLOPs between 0 and 1"),
+    (["train-mini-llava", "--out", "{t}/w.safetensors", "--init", "{t}/none.safetensors"],
+     "--init {t}/none.safetensors: no such file"),
 ]
 
 

@@ -8,6 +8,7 @@ import json
 import pytest
 from test_cli_checks import cli
 
+from skipit import composer
 from skipit.baselines import kl, last_logprobs
 from skipit.composer import Decision, Measurer, compose, compose_plan
 from skipit.data.jsonl import load_records
@@ -88,6 +89,28 @@ def test_a_budget_is_also_reached_from_a_large_decision_the_greedy_ranking_puts_
     assert state.decisions == (Decision("prune", 0, keep=0.125),) and state.kl == pytest.approx(0.1)
     assert state.saving >= 0.45 and ["freeze 3", "skip 4", "exit 4", "skip 1"] in [p["decisions"] for p in
                                                                                   record["path"]]  # fmt: skip
+
+
+def test_a_budget_is_also_reached_from_the_least_kl_decision_that_alone_comes_near_it(monkeypatch):
+    # as on mini-llava at 50 %: the two least-KL decisions removing half the budget prune after layer 2, and from
+    # there only whole layers (KL 1 each) reach it; pruning 7/8 before layer 1 alone removes 51 % at KL 0.1
+    costs = {(2, 0.25): 0.01, (2, 0.125): 0.02, (0, 0.125): 0.1}
+
+    def kl_of(plan: Plan, split: str) -> list[float]:
+        pruned = 0.0 if plan.prune_vision_after is None else costs[plan.prune_vision_after, plan.prune_vision_keep]
+        return [pruned + len(plan.skip_layers) + (plan.early_exit is not None)] * 4
+
+    plain = cost(SHAPE, None, PROMPT).prefill
+    measurer = Measurer(kl_of, lambda plan: 1 - cost(SHAPE, plan, PROMPT).prefill / plain)
+    pool = [Decision("prune", p, keep=f) for p, f in costs] + [Decision("skip", 1), Decision("skip", 4),
+                                                                 Decision("exit", 3)]  # fmt: skip
+    with monkeypatch.context() as m:
+        m.setattr(composer, "NEAR_BUDGET", 2.0)  # no decision comes near: the seeds are the two halves alone
+        halves, _ = compose(measurer, EMPTY, budget=0.5, pool=pool)
+    assert halves.kl >= 1  # every plan grown from them pays a whole layer to reach 0.5
+    state, record = compose(measurer, EMPTY, budget=0.5, pool=pool)
+    assert state.decisions == (Decision("prune", 0, keep=0.125),) and state.kl == pytest.approx(0.1)
+    assert ["prune 0 keep 0.125"] in [p["decisions"] for p in record["path"]]
 
 
 @pytest.mark.parametrize("kwargs, message", [

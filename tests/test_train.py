@@ -96,6 +96,44 @@ def test_merged_lora_equals_the_trained_adapters(tiny_llava):
     assert (untouched - expected).abs().max() > 0.05  # the adapters did change the model
 
 
+def test_continued_training_stacks_its_lora_on_the_starting_weights(tiny_llava):
+    # `train(init=...)`: the start's LoRA is merged, new adapters train on top, the saved file stacks both
+    from skipit.demo.build import load_trained
+    from skipit.demo.train import add_lora, stacked, trained_state
+
+    model, _ = tiny_llava
+
+    def copy():
+        out = type(model)(model.config).eval()
+        out.load_state_dict(model.state_dict())
+        return out
+
+    def adapted(seed: int):
+        m = copy()
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            for p in add_lora(m, rank=2, alpha=4.0):
+                p.normal_(0, 0.2)
+        return trained_state(m, rank=2, alpha=4.0)
+
+    start, new = adapted(1), adapted(2)
+    ids = torch.randint(5, 40, (2, 9))
+    with torch.no_grad():
+        in_turn = copy()
+        load_trained(in_turn, start)
+        load_trained(in_turn, new)  # what training on top of the merged start means
+        at_once = copy()
+        load_trained(at_once, stacked(start, new))
+        only_new = copy()
+        load_trained(only_new, new)
+        expected, got, partial = (m(input_ids=ids).logits for m in (in_turn, at_once, only_new))
+    assert next(k for k in stacked(start, new) if k.endswith(".A")) and all(
+        stacked(start, new)[k].shape[0 if k.endswith(".A") else 1] == 4 for k in new if k.startswith("lora."))
+    assert torch.allclose(got, expected, atol=1e-4)
+    assert (partial - expected).abs().max() > 0.05  # the start's factors matter
+    assert stacked(None, new) is new
+
+
 class _WordIds:
     """Tokenizer stand-in: each word is one token (as the size, colour and shape words are in SmolLM2)."""
 

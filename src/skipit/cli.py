@@ -165,6 +165,8 @@ def train_mini_llava(
     align_weight: Annotated[float | None, typer.Option(help="Alignment loss weight next to the VQA loss")] = None,
     align_positions: Annotated[bool, typer.Option(help="Align object patches to their row and column words too "
                                                        "(tried for v3: lower overall, docs/benchmarks.md)")] = False,
+    init: Annotated[Path | None, typer.Option(help="Continue from these trained weights (safetensors) instead of "
+                                                    "a random projector")] = None,
     seed: int = 0,
     device: Annotated[str, typer.Option(help="Where to train: cpu, cuda, cuda:1, ...")] = "cpu",
 ) -> None:
@@ -178,6 +180,8 @@ def train_mini_llava(
     at_least(1, steps=steps, batch_size=batch_size, n_train=n_train)
     at_least(0, lora_rank=lora_rank, align_steps=align_steps, align_weight=align_weight)
     check_out_file(out)
+    if init is not None and not init.is_file():
+        raise SkipitError(f"--init {init}: no such file; pass trained weights written by `skipit train-mini-llava`")
     given = {"steps": steps, "batch_size": batch_size, "lr": lr, "lora_rank": lora_rank, "lora_lr": lora_lr,
              "n_train": n_train, "align_steps": align_steps, "align_weight": align_weight}
     options = {k: v for k, v in given.items() if v is not None}
@@ -187,7 +191,7 @@ def train_mini_llava(
         def log(step: int, total: int, loss: float) -> None:
             bar.update(task, completed=step + 1, total=total, description=f"training (loss {loss:.3f})")
 
-        train(out, seed=seed, log=log, device=device, align_positions=align_positions, **options)
+        train(out, seed=seed, log=log, device=device, align_positions=align_positions, init=init, **options)
     console.print(f"trained weights written to {out}")
 
 

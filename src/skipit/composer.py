@@ -57,6 +57,7 @@ from skipit.skipping import apply_plan, remove_plan
 KAPPA = 0.02  # nats: the composed KL allowed when no budget is given (the functional planner's Pinsker argument)
 KEEP_SHARES = (0.75, 0.5, 0.25, 0.125)  # the vision-token shares a pruning decision may keep
 SEEDS = 2  # with a budget, the search also grows from this many large decisions alone (see `compose`)
+NEAR_BUDGET = 0.9  # ... and from the least-KL decision that alone removes at least this share of the budget
 N_SCORE, N_HELDOUT = 16, 16  # calibration examples that rank the decisions, and those that check the composed plan
 SHORTLIST, BEAM = 6, 1
 BAND_POSITIONS = 8  # by default, the band decisions (exit, entry, pruning) are tried at about this many layers
@@ -407,8 +408,14 @@ def compose(measurer: Measurer, empty: Plan, budget: float | None = None, kappa:
     # With a budget, the search also grows from the `seeds` decisions that alone remove at least half of it at the
     # least KL: ranked by KL per FLOP, such a decision (most vision tokens pruned, say) comes after many small ones,
     # and once those fill the plan it may no longer apply, though alone it is the cheapest way to a large budget.
-    big = [] if budget is None else sorted((a for a in ranking if a.saving >= budget / 2),
-                                           key=lambda a: (a.kl, -a.saving))[:seeds]  # fmt: skip
+    # Also from the least-KL decision that alone comes within 10 % of the budget (DivPrune's keep 12.5 % before layer
+    # 0, say): seeded only from the larger halves, the search reached 50 % on mini-llava by pruning after layer 4 and
+    # then skipping layers, at three times that decision's KL (docs/planning.md).
+    def least_kl(share: float, n: int) -> list[Alone]:
+        return sorted((a for a in ranking if a.saving >= share * budget), key=lambda a: (a.kl, -a.saving))[:n]
+
+    big = [] if budget is None or not seeds else least_kl(0.5, seeds)
+    big += [a for a in ([] if budget is None or not seeds else least_kl(NEAR_BUDGET, 1)) if a not in big]
     for start in [None, *big]:
         frontier = [root] if start is None else goes_on(measured([_seed(empty, start)]))
         while frontier:

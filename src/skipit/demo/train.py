@@ -230,6 +230,7 @@ def train(
     align_steps: int = 1000,
     align_weight: float = 1.0,
     align_positions: bool = False,
+    init: str | Path | None = None,
     seed: int = 0,
     bf16: bool = True,
     checkpoint_every: int = 50,
@@ -240,9 +241,14 @@ def train(
 
     First `align_steps` steps of the projector alone on the alignment loss (batches of 64 images), then `steps`
     steps of the VQA loss + `align_weight` x the alignment loss. `log(step, total, loss)` counts both stages.
+
+    `init`: continue from trained weights (e.g. the shipped ones) instead of a random projector: their LoRA is merged
+    into the LM, new adapters train on top, and the saved file stacks both factor pairs (rank r_init + r), so it
+    loads like any other.
     """
     torch.manual_seed(seed)
-    model, processor = assemble(trained=None)
+    start = load_file(str(init)) if init else None
+    model, processor = assemble(trained=start)
     model.to(device)
     model.requires_grad_(False)
     projector = model.model.multi_modal_projector
@@ -296,9 +302,22 @@ def train(
         if log:
             log(align_steps + step, total, loss.item())
         if checkpoint_every and (step + 1) % checkpoint_every == 0:
-            _save(trained_state(model, lora_rank, lora_alpha), Path(out))
-    _save(trained_state(model, lora_rank, lora_alpha), Path(out))
+            _save(stacked(start, trained_state(model, lora_rank, lora_alpha)), Path(out))
+    _save(stacked(start, trained_state(model, lora_rank, lora_alpha)), Path(out))
     return Path(out)
+
+
+def stacked(start: dict[str, torch.Tensor] | None, new: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`new`'s projector with the LoRA factors of `start` and `new` stacked: B0 @ A0 + B1 @ A1 = [B0 B1] @ [A0; A1]."""
+    if start is None:
+        return new
+    out = dict(new)
+    for key in (k for k in start if k.startswith("lora.")):
+        if key not in new:
+            out[key] = start[key]
+        else:
+            out[key] = torch.cat([start[key], new[key]], dim=0 if key.endswith(".A") else 1).contiguous()
+    return out
 
 
 def _warmup_cosine(steps: int) -> Callable[[int], float]:
