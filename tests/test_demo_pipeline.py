@@ -33,6 +33,11 @@ def test_demo_runs_every_step_and_resumes(tiny_run, tiny_llava_dir, monkeypatch)
     assert headline["flops_removed"] == pytest.approx(rows["skipit"]["flops_removed"])
     assert headline["accuracy"] == rows["skipit"]["accuracy"]
     assert {r["method"] for r in sweep["baselines"]} >= {"skipit", "shortgpt", "random"}
+    budget = round(plan.evidence["flops_removed"], 3)
+    # the baselines are compared with the demo's own plan at its budget, scored once (no second budget search)
+    assert [n for n in rows if n.startswith("skipit@")] == [f"skipit@{budget:g}"]
+    assert rows[f"skipit@{budget:g}"]["same_as"] == "skipit" and rows[f"skipit@{budget:g}"]["plan"] == plan.to_dict()
+    assert sweep["skipit_vs_baselines"] and all(v["budget"] == budget for v in sweep["skipit_vs_baselines"])
     wanted = {"empty", "skipit"}  # the headline and its control
     assert all(rows[name]["timed"] for name in wanted)
     untimed = [r for name, r in rows.items() if name not in wanted and "same_as" not in r]  # a twin copies its twin

@@ -87,15 +87,19 @@ def run(run_dir: str | Path, config: DemoConfig | None = None, model_path: str |
                   f"[{kl['low']:.4f}, {kl['high']:.4f}] ({run_dir / 'plan.json'})")
 
     # 3. sweep: the grid, skipit's plans, and the baselines at the FLOPs skipit's plan removes
-    plans = sweep.grid(model, config.step)
+    # The demo's own plan is skipit's at the budget it reaches: it is scored once, as "skipit" (timed, the headline),
+    # and its "skipit@budget" row, which the baselines are compared with, is the same plan (the sweep's twin rule).
+    budget = round(saving, 3)
+    plans = sweep.grid(model, config.step) | {"skipit": ("skipit", plan)}
     encoded = sweep.speed_batch(model, processor, test)
     with console.status("3/4 planning skipit's and the baselines' plans at that budget"), \
             _timed_step(console, "3/4 planning the compared plans"):
         composer = composer or Composer(model, processor, calib, **config.compose)
-        plans |= sweep.compared_plans(model, processor, calib, analysis, encoded, [round(saving, 3)],
-                                      composer=composer)  # fmt: skip
-    plans.pop("skipit+composed", None)  # the demo's own plan, below
-    plans["skipit"] = ("skipit", plan)
+        compared = sweep.compared_plans(model, processor, calib, analysis, encoded, [budget], composer=composer,
+                                        composed_at_budgets=False)  # fmt: skip
+    for name in ("skipit", "skipit+composed"):  # the conditions' default plan, and the demo's own plan again
+        compared.pop(name, None)
+    plans |= compared | {f"skipit@{budget:g}": ("skipit", plan)}
     with progress("plan") as bar:
         task = bar.add_task("3/4 sweep: plans scored and timed", total=len(plans))
         summary = sweep.run(model, processor, test, run_dir, plans, analysis=analysis, batch_size=config.batch_size,

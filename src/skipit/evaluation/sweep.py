@@ -56,14 +56,16 @@ def grid(model, step: int = 3) -> dict[str, tuple[str, Plan]]:
 
 
 def compared_plans(model, processor, calib, analysis: dict, encoded: dict, budgets: list[float],
-                   methods: tuple[str, ...] | None = None, composer=None) -> dict[str, tuple[str, Plan]]:  # fmt: skip
+                   methods: tuple[str, ...] | None = None, composer=None, composed_at_budgets: bool = True
+                   ) -> dict[str, tuple[str, Plan]]:  # fmt: skip
     """skipit's own plans (the conditions' plan with its default thresholds, without and with frozen vision layers;
     functional freezing when the analysis has the ablation KL; the composed functional plan at its default KL
     limit), FastV's own, and skipit (composed, `skipit.composer`) and each baseline at every FLOPs budget
     ("method@budget"), all planned from the calibration records `calib`.
     A method that cannot reach a budget (say, VTW past what removing every vision token saves) is left out there.
     `methods`: registered baseline names (`skipit.baselines.available()`, the default); `composer`: a
-    `skipit.composer.Composer` of the same model and records, to reuse its measurements."""
+    `skipit.composer.Composer` of the same model and records, to reuse its measurements; `composed_at_budgets`
+    False: no "skipit@budget" plans (a caller that brings its own plan at that budget, as the demo does)."""
     from skipit.composer import Composer
 
     methods = baselines.available() if methods is None else tuple(methods)
@@ -79,7 +81,7 @@ def compared_plans(model, processor, calib, analysis: dict, encoded: dict, budge
         out["fastv"] = ("baseline", Plan.for_model(model, prune_vision_after=baselines.FASTV_LAYER))
     cache: dict = {}
     for b in budgets:
-        for method in ("skipit", *methods):
+        for method in ("skipit", *methods) if composed_at_budgets else methods:
             try:
                 plan = (composer.plan(budget=b) if method == "skipit" else
                         baselines.baseline_plan(method, model, processor, calib, encoded, b, analysis=analysis,
