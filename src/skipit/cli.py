@@ -209,7 +209,7 @@ def demo(
     ctx: typer.Context,
     out: Annotated[Path, typer.Option(help="Run folder (a rerun resumes from it)")] = Path("runs/demo"),
     n_test: Annotated[int, typer.Option(help="Test questions scored per plan")] = 100,
-    n_calib: Annotated[int, typer.Option(help="Calibration records analysed")] = 32,
+    n_calib: Annotated[int, typer.Option(help="Calibration records analysed")] = 24,
     step: Annotated[int, typer.Option(help="Layer spacing of the sweep's plan grid")] = 15,
     model: Annotated[Path | None, typer.Option(help="mini-llava folder (default: the cache)")] = None,
 ) -> None:
