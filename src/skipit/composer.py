@@ -414,8 +414,10 @@ def compose(measurer: Measurer, empty: Plan, budget: float | None = None, kappa:
     def least_kl(share: float, n: int) -> list[Alone]:
         return sorted((a for a in ranking if a.saving >= share * budget), key=lambda a: (a.kl, -a.saving))[:n]
 
-    big = [] if budget is None or not seeds else least_kl(0.5, seeds)
-    big += [a for a in ([] if budget is None or not seeds else least_kl(NEAR_BUDGET, 1)) if a not in big]
+    big = []
+    if budget is not None and seeds:
+        big = least_kl(0.5, seeds)
+        big += [a for a in least_kl(NEAR_BUDGET, 1) if a not in big]
     for start in [None, *big]:
         frontier = [root] if start is None else goes_on(measured([_seed(empty, start)]))
         while frontier:
