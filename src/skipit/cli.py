@@ -505,8 +505,7 @@ def sweep(
     with _interruptible(ctx, lambda: _plans_kept(out), drop=("restart",)):
         summary = sweep_model(model, data, out, analysis=analysis, calib=calib, n=n, step=step, budgets=budgets,
                               methods=methods, n_calib=n_calib, batch_size=batch_size, repeats=repeats,
-                              restart=restart, time_grid=time_grid, progress=True,
-                              status=console.status)  # fmt: skip
+                              restart=restart, time_grid=time_grid, progress=True)  # fmt: skip
     _print_sweep(summary)
     console.print(f"sweep written to {out / 'sweep.json'}")
 

@@ -199,7 +199,6 @@ def sweep_model(
     restart: bool = False,
     time_grid: bool = True,
     progress: bool = False,
-    status: Status = _quiet,
 ) -> dict:
     """The plan grid (and with an analysis skipit's plans and the baselines at matched FLOPs) measured on `data`,
     resuming from OUT/plans/; returns what OUT/sweep.json holds (`skipit.evaluation.sweep.run`). `time_grid`
