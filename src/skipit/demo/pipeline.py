@@ -71,7 +71,7 @@ def run(run_dir: str | Path, config: DemoConfig | None = None, model_path: str |
                                data_path=str(calib_path),
                                on_batch=lambda n: bar.advance(task, n)).result  # fmt: skip
     # 2. plan: the composed functional plan, measured on the calibration records (skipit.composer)
-    composer, saved = None, run_dir / "plan.json"
+    saved = run_dir / "plan.json"
     plan = Plan.load(saved) if saved.is_file() else None
     if plan is None or not plan.evidence.get("search"):  # none yet, or one of an earlier release's planner
         with progress("plan") as bar, _timed_step(console, "2/4 plan"):
@@ -94,11 +94,8 @@ def run(run_dir: str | Path, config: DemoConfig | None = None, model_path: str |
     encoded = sweep.speed_batch(model, processor, test)
     with console.status("3/4 planning skipit's and the baselines' plans at that budget"), \
             _timed_step(console, "3/4 planning the compared plans"):
-        composer = composer or Composer(model, processor, calib, **config.compose)
-        compared = sweep.compared_plans(model, processor, calib, analysis, encoded, [budget], composer=composer,
-                                        composed_at_budgets=False)  # fmt: skip
-    for name in ("skipit", "skipit+composed"):  # the conditions' default plan, and the demo's own plan again
-        compared.pop(name, None)
+        compared = sweep.compared_plans(model, processor, calib, analysis, encoded, [budget], composed=False)
+    compared.pop("skipit")  # the conditions' default plan: the demo's name "skipit" is its own plan
     plans |= compared | {f"skipit@{budget:g}": ("skipit", plan)}
     with progress("plan") as bar:
         task = bar.add_task("3/4 sweep: plans scored and timed", total=len(plans))

@@ -56,7 +56,7 @@ def grid(model, step: int = 3) -> dict[str, tuple[str, Plan]]:
 
 
 def compared_plans(model, processor, calib, analysis: dict, encoded: dict, budgets: list[float],
-                   methods: tuple[str, ...] | None = None, composer=None, composed_at_budgets: bool = True
+                   methods: tuple[str, ...] | None = None, composer=None, composed: bool = True
                    ) -> dict[str, tuple[str, Plan]]:  # fmt: skip
     """skipit's own plans (the conditions' plan with its default thresholds, without and with frozen vision layers;
     functional freezing when the analysis has the ablation KL; the composed functional plan at its default KL
@@ -64,8 +64,8 @@ def compared_plans(model, processor, calib, analysis: dict, encoded: dict, budge
     ("method@budget"), all planned from the calibration records `calib`.
     A method that cannot reach a budget (say, VTW past what removing every vision token saves) is left out there.
     `methods`: registered baseline names (`skipit.baselines.available()`, the default); `composer`: a
-    `skipit.composer.Composer` of the same model and records, to reuse its measurements; `composed_at_budgets`
-    False: no "skipit@budget" plans (a caller that brings its own plan at that budget, as the demo does)."""
+    `skipit.composer.Composer` of the same model and records, to reuse its measurements; `composed` False: none of
+    the composed planner's plans ("skipit+composed", "skipit@budget"), for a caller that brings its own (the demo)."""
     from skipit.composer import Composer
 
     methods = baselines.available() if methods is None else tuple(methods)
@@ -75,13 +75,14 @@ def compared_plans(model, processor, calib, analysis: dict, encoded: dict, budge
            "skipit+freeze": ("skipit", make_plan(analysis, freeze_vision=True))}
     if ablation_kl(analysis).get("vision"):  # analyze --ablation
         out["skipit+functional"] = ("skipit", make_plan(analysis, functional=True))
-    composer = composer or Composer(model, processor, calib)  # one set of measurements for every budget
-    out["skipit+composed"] = ("skipit", composer.plan())
+    if composed:
+        composer = composer or Composer(model, processor, calib)  # one set of measurements for every budget
+        out["skipit+composed"] = ("skipit", composer.plan())
     if "fastv" in methods:  # FastV's own setting, K = 2 and R = 50 %, whatever it saves
         out["fastv"] = ("baseline", Plan.for_model(model, prune_vision_after=baselines.FASTV_LAYER))
     cache: dict = {}
     for b in budgets:
-        for method in ("skipit", *methods) if composed_at_budgets else methods:
+        for method in ("skipit", *methods) if composed else methods:
             try:
                 plan = (composer.plan(budget=b) if method == "skipit" else
                         baselines.baseline_plan(method, model, processor, calib, encoded, b, analysis=analysis,
