@@ -86,6 +86,8 @@ CASES = [  # (args with {t} for the tmp folder, message fragment)
     (["plan", "{t}/nowhere", "--budget", "1.5"], "--budget is a fraction of the prefill FLOPs between 0 and 1"),
     (["train-mini-llava", "--out", "{t}/w.safetensors", "--init", "{t}/none.safetensors"],
      "--init {t}/none.safetensors: no such file"),
+    (["train-mini-llava", "--out", "{t}/w.safetensors", "--align-positions", "row,diagonal"],
+     "--align-positions 'row,diagonal': use a comma-separated subset of row, column"),
 ]
 
 

@@ -24,9 +24,11 @@ PROMPT = prompt_layout(64, 32)
 EMPTY = Plan(architecture="Toy", num_layers=L, fingerprint="f" * 16)
 
 
-def synthetic(weights: dict[tuple[str, int], float], together: dict | None = None, n: int = 4) -> Measurer:
+def synthetic(weights: dict[tuple[str, int], float], together: dict | None = None, n: int = 4,
+              heldout: dict[tuple[str, int], float] | None = None) -> Measurer:  # fmt: skip
     """A measurer whose KL is the sum of `weights[(role, layer)]` over what a plan removes (1.0 where unlisted),
-    plus `together[(role, layer), (role, layer)]` when a plan removes both; FLOPs from `skipit.flops`."""
+    plus `together[(role, layer), (role, layer)]` when a plan removes both; FLOPs from `skipit.flops`. `heldout`:
+    other weights on the held-out examples."""
     together = together or {}
     plain = cost(SHAPE, None, PROMPT).prefill
 
@@ -35,7 +37,7 @@ def synthetic(weights: dict[tuple[str, int], float], together: dict | None = Non
 
     def kl_of(plan: Plan, split: str) -> list[float]:
         units = removed(plan)
-        value = sum(weights.get(u, 1.0) for u in units)
+        value = sum((heldout if heldout and split == "heldout" else weights).get(u, 1.0) for u in units)
         value += sum(v for (a, b), v in together.items() if a in units and b in units)
         return [value] * n
 
@@ -111,6 +113,17 @@ def test_a_budget_is_also_reached_from_the_least_kl_decision_that_alone_comes_ne
     state, record = compose(measurer, EMPTY, budget=0.5, pool=pool)
     assert state.decisions == (Decision("prune", 0, keep=0.125),) and state.kl == pytest.approx(0.1)
     assert ["prune 0 keep 0.125"] in [p["decisions"] for p in record["path"]]
+
+
+def test_of_the_plans_that_reach_a_budget_the_one_with_the_least_kl_over_both_sets_is_chosen():
+    # skip 4 looks cheaper on the scoring examples, but the held-out examples show it is not: skip 1 is the plan
+    score, heldout = {("skip", 4): 0.01, ("skip", 1): 0.02}, {("skip", 4): 0.5, ("skip", 1): 0.02}
+    pool = [Decision("skip", 4), Decision("skip", 1)]
+    state, record = compose(synthetic(score, heldout=heldout), EMPTY, budget=0.1, pool=pool)
+    assert state.decisions == (Decision("skip", 1),) and state.heldout_kl == pytest.approx(0.02)
+    assert {"skip 4", "skip 1"} <= {p["decisions"][0] for p in record["path"]}
+    state, _ = compose(synthetic(score), EMPTY, budget=0.1, pool=pool)  # the same KL on both: the least one
+    assert state.decisions == (Decision("skip", 4),)
 
 
 @pytest.mark.parametrize("kwargs, message", [

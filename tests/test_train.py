@@ -144,6 +144,22 @@ class _WordIds:
         return {"input_ids": [self.vocab[text]]}
 
 
+def test_compact_keeps_a_low_rank_product_exactly_and_otherwise_its_best_approximation():
+    from skipit.demo.train import compact
+
+    torch.manual_seed(0)
+    b, a = torch.randn(40, 6) @ torch.randn(6, 12), torch.randn(12, 30)  # rank-12 factors of a rank-6 product
+    full_b, full_a = torch.randn(40, 12), torch.randn(12, 30)
+    state = {"lora.q.A": a, "lora.q.B": b, "lora.k.A": full_a, "lora.k.B": full_b, "proj.w": torch.ones(3)}
+    out = compact(state, 6)
+    assert out["lora.q.A"].shape == (6, 30) and out["lora.q.B"].shape == (40, 6)
+    torch.testing.assert_close(out["lora.q.B"] @ out["lora.q.A"], b @ a, rtol=1e-4, atol=1e-4)
+    sv = torch.linalg.svdvals(full_b @ full_a)  # Eckart-Young: the best rank-6 error is the dropped singular values
+    error = torch.linalg.matrix_norm(out["lora.k.B"] @ out["lora.k.A"] - full_b @ full_a)
+    assert abs(error - sv[6:].pow(2).sum().sqrt()) < 1e-3 * sv[0]
+    assert out["proj.w"] is state["proj.w"] and compact(state, 12)["lora.k.A"] is full_a
+
+
 def test_patch_words_mark_the_patches_each_object_covers():
     from skipit.data.shapes import Obj
     from skipit.demo.train import patch_words
@@ -151,12 +167,14 @@ def test_patch_words_mark_the_patches_each_object_covers():
     big = Obj("square", "red", "large", 1, 1)  # the centre cell, 0.84 of its 37 px side: the middle 2x2 patches
     small = Obj("circle", "blue", "small", 0, 0)  # 16 px across: less than one 14 px patch
     assert patch_words([[big, small]], _WordIds(), grid=8).shape == (1, 64, 3)  # size, colour, shape
-    words = patch_words([[big, small]], _WordIds(), grid=8, positions=True)[0].view(8, 8, 5)
+    words = patch_words([[big, small]], _WordIds(), grid=8, positions=("row", "column"))[0].view(8, 8, 5)
     assert words[3:5, 3:5].tolist() == [[[2, 3, 6, 8, 8]] * 2] * 2  # large red square, middle row, middle column
     assert (words[..., 1] == 3).sum() >= 4 and (words[..., 1] == 3).sum() <= 9
     assert (words[..., 1] == 4).sum() >= 1  # the small circle keeps the patch it covers most
     assert words[1, 1].tolist() == [1, 4, 5, 7, 10]  # top left; its centre, (18.7, 18.7) px, is in patch (1, 1)
     assert words[7, 7].tolist() == [-1] * 5 and words[0, 7].tolist() == [-1] * 5  # background
+    column_only = patch_words([[big, small]], _WordIds(), grid=8, positions=("column",))[0].view(8, 8, 4)
+    assert column_only[1, 1].tolist() == [1, 4, 5, 10]  # left column; no row word
 
 
 def test_align_loss_is_zero_on_the_word_embeddings_and_one_at_zero():

@@ -163,8 +163,9 @@ def train_mini_llava(
     n_train: Annotated[int | None, typer.Option(help="Training scenes (features cached once)")] = None,
     align_steps: Annotated[int | None, typer.Option(help="Projector-only alignment steps before the VQA steps")] = None,
     align_weight: Annotated[float | None, typer.Option(help="Alignment loss weight next to the VQA loss")] = None,
-    align_positions: Annotated[bool, typer.Option(help="Align object patches to their row and column words too "
-                                                       "(tried for v3: lower overall, docs/benchmarks.md)")] = False,
+    align_positions: Annotated[str, typer.Option(help="Align object patches to their position words too: 'row,column', "
+                                                      "'column' or 'row' (levers for column questions, "
+                                                      "docs/benchmarks.md)")] = "",
     init: Annotated[Path | None, typer.Option(help="Continue from these trained weights (safetensors) instead of "
                                                     "a random projector")] = None,
     seed: int = 0,
@@ -174,12 +175,16 @@ def train_mini_llava(
 
     With no options this reproduces the shipped weights (src/skipit/demo/mini_llava_trained.safetensors).
     """
-    from skipit.demo.train import train
+    from skipit.demo.train import POSITION_WORDS, train
     from skipit.progress import progress
 
     at_least(1, steps=steps, batch_size=batch_size, n_train=n_train)
     at_least(0, lora_rank=lora_rank, align_steps=align_steps, align_weight=align_weight)
     check_out_file(out)
+    positions = tuple(w.strip() for w in align_positions.split(",") if w.strip())
+    if set(positions) - set(POSITION_WORDS):
+        raise SkipitError(f"--align-positions {align_positions!r}: use a comma-separated subset of "
+                          f"{', '.join(POSITION_WORDS)}")
     if init is not None and not init.is_file():
         raise SkipitError(f"--init {init}: no such file; pass trained weights written by `skipit train-mini-llava`")
     given = {"steps": steps, "batch_size": batch_size, "lr": lr, "lora_rank": lora_rank, "lora_lr": lora_lr,
@@ -191,7 +196,7 @@ def train_mini_llava(
         def log(step: int, total: int, loss: float) -> None:
             bar.update(task, completed=step + 1, total=total, description=f"training (loss {loss:.3f})")
 
-        train(out, seed=seed, log=log, device=device, align_positions=align_positions, init=init, **options)
+        train(out, seed=seed, log=log, device=device, align_positions=positions, init=init, **options)
     console.print(f"trained weights written to {out}")
 
 

@@ -150,11 +150,15 @@ def training_scenes(n: int, seed: int):
 ALIGN_MIN_COVER = 0.25  # a patch is an object's when the object covers at least this share of its pixels
 
 
-def patch_words(scenes: list[list[Obj]], tokenizer, grid: int, patch: int = 14, positions: bool = False
+POSITION_WORDS = ("row", "column")
+
+
+def patch_words(scenes: list[list[Obj]], tokenizer, grid: int, patch: int = 14, positions: tuple[str, ...] = ()
                 ) -> torch.Tensor:  # fmt: skip
     """(n, grid * grid, 3) token ids of " <size>", " <colour>", " <shape>" for the object under each patch (raster
-    order, as the vision tokens), -1 for background; with `positions`, (n, grid * grid, 5) with " <row>" and
-    " <column>" too. Small objects cover less than one patch: each object also keeps the patch it covers most.
+    order, as the vision tokens), -1 for background; `positions` ("row", "column" or both, in that order) appends
+    " <row>" and/or " <column>". Small objects cover less than one patch: each object also keeps the patch it covers
+    most.
 
     `positions` is the lever tried for column questions (0.53 on v2, which is trained without it): it raised column to
     0.73 but cost colour, shape, row and existence, 0.685 overall (docs/benchmarks.md), so the shipped weights do
@@ -163,14 +167,19 @@ def patch_words(scenes: list[list[Obj]], tokenizer, grid: int, patch: int = 14, 
         (token,) = tokenizer(" " + w, add_special_tokens=False)["input_ids"]  # one token each in SmolLM2
         return token
 
-    out = torch.full((len(scenes), grid * grid, 5 if positions else 3), -1, dtype=torch.long)
+    unknown = set(positions) - set(POSITION_WORDS)
+    if unknown:
+        raise ValueError(f"unknown position words {sorted(unknown)}; available: {', '.join(POSITION_WORDS)}")
+    positions = tuple(p for p in POSITION_WORDS if p in positions)
+    out = torch.full((len(scenes), grid * grid, 3 + len(positions)), -1, dtype=torch.long)
     for n, objs in enumerate(scenes):
         labels = torch.tensor(list(object_map(objs, grid * patch).getdata()), dtype=torch.long)
         labels = labels.view(grid, patch, grid, patch).permute(0, 2, 1, 3).reshape(grid * grid, patch * patch)
         for i, o in enumerate(objs):
             cover = (labels == i + 1).float().mean(dim=1)
             keep = (cover >= ALIGN_MIN_COVER) | ((cover == cover.max()) & (cover > 0))
-            words = (o.size, o.color, o.shape) + ((ROWS[o.row], COLUMNS[o.col]) if positions else ())
+            where = {"row": ROWS[o.row], "column": COLUMNS[o.col]}
+            words = (o.size, o.color, o.shape) + tuple(where[p] for p in positions)
             out[n, keep] = torch.tensor([word(w) for w in words])
     return out
 
@@ -229,7 +238,7 @@ def train(
     n_train: int = 4000,
     align_steps: int = 1000,
     align_weight: float = 1.0,
-    align_positions: bool = False,
+    align_positions: tuple[str, ...] = (),
     init: str | Path | None = None,
     seed: int = 0,
     bf16: bool = True,
@@ -307,8 +316,13 @@ def train(
     return Path(out)
 
 
-def stacked(start: dict[str, torch.Tensor] | None, new: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """`new`'s projector with the LoRA factors of `start` and `new` stacked: B0 @ A0 + B1 @ A1 = [B0 B1] @ [A0; A1]."""
+MAX_SAVED_RANK = 32  # stacked LoRA factors beyond this are truncated (SVD), so the committed file stays near 20 MB
+
+
+def stacked(start: dict[str, torch.Tensor] | None, new: dict[str, torch.Tensor],
+            max_rank: int = MAX_SAVED_RANK) -> dict[str, torch.Tensor]:  # fmt: skip
+    """`new`'s projector with the LoRA factors of `start` and `new` stacked: B0 @ A0 + B1 @ A1 = [B0 B1] @ [A0; A1],
+    then `compact`ed to `max_rank`."""
     if start is None:
         return new
     out = dict(new)
@@ -317,6 +331,25 @@ def stacked(start: dict[str, torch.Tensor] | None, new: dict[str, torch.Tensor])
             out[key] = start[key]
         else:
             out[key] = torch.cat([start[key], new[key]], dim=0 if key.endswith(".A") else 1).contiguous()
+    return compact(out, max_rank)
+
+
+def compact(state: dict[str, torch.Tensor], rank: int) -> dict[str, torch.Tensor]:
+    """Each LoRA pair with more than `rank` rows re-factored to the best rank-`rank` approximation of its product B @ A
+    (exact when the product's rank is at most `rank`); other tensors unchanged."""
+    out = dict(state)
+    for a_key in (k for k in state if k.startswith("lora.") and k.endswith(".A")):
+        b_key = a_key[: -len(".A")] + ".B"
+        a, b = state[a_key].float(), state[b_key].float()
+        if a.shape[0] <= rank:
+            continue
+        # SVD of the small r x r core of B @ A = (Qb Rb)(Qa Ra)^T, never of the full (out x in) product
+        qb, rb = torch.linalg.qr(b)
+        qa, ra = torch.linalg.qr(a.T)
+        u, sv, vh = torch.linalg.svd(rb @ ra.T)
+        root = sv[:rank].sqrt()
+        out[b_key] = ((qb @ u[:, :rank]) * root).to(state[b_key].dtype).contiguous()
+        out[a_key] = (root[:, None] * (vh[:rank] @ qa.T)).to(state[a_key].dtype).contiguous()
     return out
 
 
