@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import torch
 
 from skipit.demo.train import batch_loss, tokenize, training_scenes, vision_features
@@ -187,3 +189,27 @@ def test_align_loss_is_zero_on_the_word_embeddings_and_one_at_zero():
     exact[0, 1] = 100.0  # background patches are not scored
     assert align_loss(exact, words, embeddings).item() < 1e-6
     assert abs(align_loss(torch.zeros(2, 2, 6), words, embeddings).item() - 1.0) < 1e-6
+
+
+def test_the_recipe_runs_its_stages_in_turn_each_from_the_weights_before(monkeypatch, tmp_path):
+    from skipit.demo import train as training
+
+    calls, logged = [], []
+
+    def fake_train(out, init=None, log=None, device="cpu", **stage):
+        calls.append((Path(out).name, init and Path(init).name, stage))
+        for step in range(stage.get("align_steps", 1000) + stage["steps"]):
+            log(step, -1, 0.5)
+        return Path(out)
+
+    monkeypatch.setattr(training, "train", fake_train)
+    recipe = ({"steps": 3, "seed": 0}, {"steps": 2, "align_steps": 0, "seed": 1},
+              {"steps": 4, "align_steps": 0, "seed": 2, "align_positions": ("column",)})
+    out = training.train_recipe(tmp_path / "w.safetensors", recipe, log=lambda s, t, _: logged.append((s, t)),
+                                align_steps=1)  # an override reaches every stage
+    assert out == tmp_path / "w.safetensors"
+    assert [(o, i) for o, i, _ in calls] == [("w.stage1.safetensors", None), ("w.stage2.safetensors",
+                                              "w.stage1.safetensors"), ("w.safetensors", "w.stage2.safetensors")]
+    assert [c[2]["seed"] for c in calls] == [0, 1, 2] and all(c[2]["align_steps"] == 1 for c in calls)
+    assert calls[2][2]["align_positions"] == ("column",)
+    assert [s for s, _ in logged] == list(range(4 + 3 + 5)) and {t for _, t in logged} == {12}

@@ -155,7 +155,7 @@ def build(
 @app.command("train-mini-llava")
 def train_mini_llava(
     out: Annotated[Path, typer.Option(help="Where to write the trained weights (safetensors)")],
-    steps: Annotated[int | None, typer.Option(help="Optimizer steps [default: the shipped weights' setting]")] = None,
+    steps: Annotated[int | None, typer.Option(help="Optimizer steps")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Images per step")] = None,
     lr: Annotated[float | None, typer.Option(help="Projector learning rate")] = None,
     lora_rank: Annotated[int | None, typer.Option(help="LoRA rank on the LM's linear layers (0: none)")] = None,
@@ -168,14 +168,16 @@ def train_mini_llava(
                                                       "docs/benchmarks.md)")] = "",
     init: Annotated[Path | None, typer.Option(help="Continue from these trained weights (safetensors) instead of "
                                                     "a random projector")] = None,
-    seed: int = 0,
+    seed: Annotated[int | None, typer.Option(help="Seed of the training scenes and of the run")] = None,
     device: Annotated[str, typer.Option(help="Where to train: cpu, cuda, cuda:1, ...")] = "cpu",
 ) -> None:
     """Train mini-llava's projector (+ LoRA on the LM) on `shapes`; the vision tower stays frozen.
 
-    With no options this reproduces the shipped weights (src/skipit/demo/mini_llava_trained.safetensors).
+    With no training option this reproduces the shipped weights (src/skipit/demo/mini_llava_trained.safetensors):
+    the stages of `skipit.demo.train.RECIPE` in turn, each continuing from the one before. With any option, one
+    stage with those settings (the rest at their defaults).
     """
-    from skipit.demo.train import POSITION_WORDS, train
+    from skipit.demo.train import POSITION_WORDS, train, train_recipe
     from skipit.progress import progress
 
     at_least(1, steps=steps, batch_size=batch_size, n_train=n_train)
@@ -188,15 +190,19 @@ def train_mini_llava(
     if init is not None and not init.is_file():
         raise SkipitError(f"--init {init}: no such file; pass trained weights written by `skipit train-mini-llava`")
     given = {"steps": steps, "batch_size": batch_size, "lr": lr, "lora_rank": lora_rank, "lora_lr": lora_lr,
-             "n_train": n_train, "align_steps": align_steps, "align_weight": align_weight}
+             "n_train": n_train, "align_steps": align_steps, "align_weight": align_weight, "seed": seed,
+             "init": init, "align_positions": positions or None}
     options = {k: v for k, v in given.items() if v is not None}
     with progress("step") as bar:
-        task = bar.add_task("training", total=steps)
+        task = bar.add_task("training", total=None)
 
         def log(step: int, total: int, loss: float) -> None:
             bar.update(task, completed=step + 1, total=total, description=f"training (loss {loss:.3f})")
 
-        train(out, seed=seed, log=log, device=device, align_positions=positions, init=init, **options)
+        if options:
+            train(out, log=log, device=device, **options)
+        else:
+            train_recipe(out, log=log, device=device)
     console.print(f"trained weights written to {out}")
 
 

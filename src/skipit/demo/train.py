@@ -319,6 +319,35 @@ def train(
 MAX_SAVED_RANK = 32  # stacked LoRA factors beyond this are truncated (SVD), so the committed file stays near 20 MB
 
 
+# The shipped weights: each stage continues from the one before (`init`), on fresh scenes (its own seed).
+RECIPE: tuple[dict, ...] = (
+    {"steps": 150, "align_steps": 1000, "seed": 0},  # align the projector to word embeddings, then the answers
+    {"steps": 150, "align_steps": 0, "lr": 1e-3, "lora_lr": 1e-3, "seed": 1},  # more answers: every type but column
+    {"steps": 60, "align_steps": 0, "lr": 1e-3, "lora_lr": 1e-3, "seed": 2, "align_positions": ("row", "column")},
+    {"steps": 60, "align_steps": 0, "lr": 1e-3, "lora_lr": 1e-3, "seed": 3, "align_positions": ("column",)},
+)
+
+
+def train_recipe(out: str | Path, recipe: tuple[dict, ...] = RECIPE, log: Callable[[int, int, float], None] | None
+                 = None, device: str = "cpu", **overrides) -> Path:  # fmt: skip
+    """Run the stages of `recipe` in turn, each from the weights of the one before, and write the last to `out`.
+    Each stage's weights are kept next to `out` (`<out stem>.stage<i>.safetensors`). `log(step, total, loss)` counts
+    the steps of all stages; `overrides` apply to every stage (tests shrink them)."""
+    out = Path(out)
+    recipe = tuple({**stage, **overrides} for stage in recipe)
+    totals = [stage.get("align_steps", 1000) + stage["steps"] for stage in recipe]
+    done, init = 0, None
+    for i, stage in enumerate(recipe):
+        def stage_log(step: int, _total: int, loss: float, offset: int = done) -> None:
+            if log:
+                log(offset + step, sum(totals), loss)
+
+        path = out if i == len(recipe) - 1 else out.with_name(f"{out.stem}.stage{i + 1}{out.suffix}")
+        init = train(path, init=init, log=stage_log, device=device, **stage)
+        done += totals[i]
+    return out
+
+
 def stacked(start: dict[str, torch.Tensor] | None, new: dict[str, torch.Tensor],
             max_rank: int = MAX_SAVED_RANK) -> dict[str, torch.Tensor]:  # fmt: skip
     """`new`'s projector with the LoRA factors of `start` and `new` stacked: B0 @ A0 + B1 @ A1 = [B0 B1] @ [A0; A1],
