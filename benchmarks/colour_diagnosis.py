@@ -9,7 +9,7 @@ Parts (each prints JSON lines; `--parts` picks them, comma-separated):
   linear probe, on held-out scenes, for the asked colour from the LM's hidden state at the last prompt token
   (where the answer is read), per layer.
 - `probe`: linear probes (scikit-learn logistic regression, standardised, train/test split by scene) for an
-  object's colour (and, as a control, its shape) at the patch under the object's centre, read from
+  object's colour (and its shape, row and column) at the patch under the object's centre, read from
   (a) every DINOv2 layer `hidden_states[k]`, k = 0 (patch embeddings) .. 12 (CLS dropped),
   (b) the projector's input (config.vision_feature_layer) and output,
   (c) the LM's hidden state at that vision token after decoder layers 1, 4, 8, 15.
@@ -21,6 +21,7 @@ Parts (each prints JSON lines; `--parts` picks them, comma-separated):
 
     nice -n 5 .venv/bin/python benchmarks/colour_diagnosis.py --parts answers,probe  # defaults: the sizes reported
     nice -n 5 .venv/bin/python benchmarks/colour_diagnosis.py --parts train --steps 40 --layers 0,-2 --n-eval 200
+    .venv/bin/python benchmarks/colour_diagnosis.py --parts probe --trained FILE  # other weights than the shipped
 
 Results and what they mean: docs/benchmarks.md, "mini-llava colour diagnosis".
 """
@@ -101,7 +102,7 @@ def part_probe(model, processor, n_scenes: int, batch: int, lm_layers: list[int]
     cfg = model.config
     image_id = cfg.image_token_id
     feats: dict[str, list] = defaultdict(list)
-    colours, shapes, groups = [], [], []
+    colours, shapes, rows, columns, groups = [], [], [], [], []
     text = prompts.question_text(processor, "What color is the object?")  # vision tokens never see the question
     for i in range(0, n_scenes, batch):
         chunk = scenes[i:i + batch]
@@ -120,6 +121,8 @@ def part_probe(model, processor, n_scenes: int, batch: int, lm_layers: list[int]
                     feats[name].append(out.hidden_states[k][b, pos[b][p]].numpy())
                 colours.append(o.color)
                 shapes.append(o.shape)
+                rows.append(o.row)
+                columns.append(o.col)
                 groups.append(i + b)
         emit(part="probe", progress=f"{min(i + batch, n_scenes)}/{n_scenes} scenes")
     layer = cfg.vision_feature_layer
@@ -130,7 +133,7 @@ def part_probe(model, processor, n_scenes: int, batch: int, lm_layers: list[int]
     table.update({k: np.stack(v) for k, v in feats.items()})
     for name, x in table.items():
         emit(part="probe", features=name, dim=x.shape[1], colour=probe(x, colours, groups),
-             shape=probe(x, shapes, groups))
+             shape=probe(x, shapes, groups), row=probe(x, rows, groups), column=probe(x, columns, groups))
 
 
 # ---------------------------------------------------------------- answers of the shipped model
@@ -268,14 +271,19 @@ def main() -> None:
     ap.add_argument("--layers", default="0,-2", help="vision_feature_layer of the candidate arm (part train)")
     ap.add_argument("--n-eval", type=int, default=200, help="colour questions scoring each arm (part train)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--trained", default=None, help="trained weights to diagnose instead of the shipped ones "
+                    "(parts answers, probe)")
     args = ap.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 2)))
     parts = set(args.parts.split(","))
     if parts & {"answers", "probe"}:
         from skipit import models
-        from skipit.demo.build import default_model_path
+        from skipit.demo.build import build, default_model_path
 
-        model, processor = models.load(default_model_path(), device="cpu")  # the cached model, never rebuilt
+        path = default_model_path()  # the cached model, never rebuilt
+        if args.trained:
+            path = build(Path(tempfile.mkdtemp(prefix="diagnosis-")) / "model", args.trained)
+        model, processor = models.load(path, device="cpu")
         if "answers" in parts:
             part_answers(model, processor, args.n_colour, args.n_other, args.batch, [1, 4, 8, 15, 22, 30])
         if "probe" in parts:

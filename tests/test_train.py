@@ -1,26 +1,30 @@
 from pathlib import Path
 
+import pytest
 import torch
 
 from skipit.demo.train import batch_loss, tokenize, training_scenes, vision_features
 from skipit.evaluation import vqa
+from skipit.prompts import CAPTION_PROMPT, caption_text
 
 
-def test_packed_rows_hold_every_question_once_after_one_image(tiny_llava):
+@pytest.mark.parametrize("captions", [False, True])
+def test_packed_rows_hold_every_question_once_after_one_image(tiny_llava, captions):
     model, processor = tiny_llava
-    images, conversations, _ = training_scenes(3, seed=0)
+    images, conversations, _ = training_scenes(3, seed=0, captions=captions)
     assert len(images) == len(conversations) == 3
+    assert all((turns[-1][0] == CAPTION_PROMPT) == captions for turns in conversations)
     tok = processor.tokenizer
     for row, turns in zip(tokenize(processor, model, conversations), conversations, strict=True):
         assert len(turns) >= 3  # count and existence always apply, and most scenes pose more
         assert row.ids.count(model.config.image_token_id) == model.config.image_seq_length  # the image, once
         assert len(row.ids) == len(row.positions) == len(row.segments)
         assert sorted(set(row.segments)) == list(range(len(turns) + 1))
-        answers = tok.decode([row.ids[t] for t in row.targets]).split()
-        assert answers == [w for _, a in turns for w in (a, "<|im_end|>")]
+        answers = [tok(a, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for _, a in turns]
+        assert [row.ids[t] for t in row.targets] == [i for ids in answers for i in ids]
         for i, (question, answer) in enumerate(turns, start=1):  # each segment is the single-turn prompt + answer
             seg = [j for j, s in enumerate(row.segments) if s in (0, i)]
-            prompt = vqa.prompt_text(processor, question)
+            prompt = caption_text(processor) if question == CAPTION_PROMPT else vqa.prompt_text(processor, question)
             alone = processor(images=[images[0]], text=[prompt])["input_ids"][0]
             alone += tok(answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
             assert [row.ids[j] for j in seg] == alone

@@ -166,6 +166,7 @@ def train_mini_llava(
     align_positions: Annotated[str, typer.Option(help="Align object patches to their position words too: 'row,column', "
                                                       "'column' or 'row' (levers for column questions, "
                                                       "docs/benchmarks.md)")] = "",
+    captions: Annotated[bool, typer.Option(help="Train on each scene's reference caption too")] = False,
     init: Annotated[Path | None, typer.Option(help="Continue from these trained weights (safetensors) instead of "
                                                     "a random projector")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed of the training scenes and of the run")] = None,
@@ -191,7 +192,7 @@ def train_mini_llava(
         raise SkipitError(f"--init {init}: no such file; pass trained weights written by `skipit train-mini-llava`")
     given = {"steps": steps, "batch_size": batch_size, "lr": lr, "lora_rank": lora_rank, "lora_lr": lora_lr,
              "n_train": n_train, "align_steps": align_steps, "align_weight": align_weight, "seed": seed,
-             "init": init, "align_positions": positions or None}
+             "init": init, "align_positions": positions or None, "captions": captions or None}
     options = {k: v for k, v in given.items() if v is not None}
     with progress("step") as bar:
         task = bar.add_task("training", total=None)

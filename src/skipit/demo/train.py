@@ -28,9 +28,11 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from skipit.data import shapes
 from skipit.data.shapes import COLUMNS, ROWS, SPLITS, Obj, object_map, render, sample_scene, scene_questions
 from skipit.demo.build import LORA_TARGETS, assemble, cache_dir
 from skipit.evaluation import vqa
+from skipit.prompts import CAPTION_PROMPT, caption_text
 
 
 @torch.no_grad()  # not inference_mode: the cached features feed a trained projector
@@ -61,10 +63,11 @@ class Packed(NamedTuple):
 def tokenize(processor, model, conversations) -> list[Packed]:
     """Pack every question about one image into one training row.
 
-    Each question is tokenized as the single-turn prompt `vqa.answer` uses at inference; the tokens up to the last
-    image token are the same for all of them and are kept once. Segments do not see each other, so no answer can
-    be copied from another question about the same image (with plain multi-turn data "What shape is the blue
-    object? square" gives away "What color is the square?"), while the image is still run once for all.
+    Each question is tokenized as the single-turn prompt `vqa.answer` (or, for `CAPTION_PROMPT`, captioning) uses at
+    inference; the tokens up to the last image token are the same for all of them and are kept once. Segments do not
+    see each other, so no answer can be copied from another question about the same image (with plain multi-turn
+    data "What shape is the blue object? square" gives away "What color is the square?"), while the image is still
+    run once for all.
     """
     tok = processor.tokenizer
     n_img = model.config.image_seq_length
@@ -77,7 +80,9 @@ def tokenize(processor, model, conversations) -> list[Packed]:
         segments: list[int] = []
         targets: list[int] = []
         for i, (question, answer) in enumerate(turns, start=1):
-            text = vqa.prompt_text(processor, question).replace(processor.image_token, processor.image_token * n_img)
+            # the caption turn gets the captioning prompt captions are asked with at inference, questions the VQA one
+            text = caption_text(processor) if question == CAPTION_PROMPT else vqa.prompt_text(processor, question)
+            text = text.replace(processor.image_token, processor.image_token * n_img)
             q_ids = tok(text, add_special_tokens=False)["input_ids"]
             split = len(q_ids) - q_ids[::-1].index(image_id)
             if prefix is None:
@@ -139,12 +144,15 @@ def batch_loss(model, feats: torch.Tensor, seqs: list[Packed], image_token_id: i
     return F.cross_entropy(logits.float(), torch.tensor(targets, device=logits.device))
 
 
-def training_scenes(n: int, seed: int):
-    """`n` train-split scenes: their images, one conversation each covering every question type the scene can pose,
-    and the scenes' objects."""
+def training_scenes(n: int, seed: int, captions: bool = False):
+    """`n` train-split scenes: their images, one conversation each covering every question type the scene can pose
+    (with `captions`, also the caption prompt and the scene's reference caption), and the scenes' objects."""
     rng = random.Random(f"shapes-train-conversations/{seed}/{SPLITS['train']}")
     scenes = [sample_scene(rng) for _ in range(n)]
-    return [render(s) for s in scenes], [[(q, a) for q, a, _ in scene_questions(s, rng)] for s in scenes], scenes
+    conversations = [[(q, a) for q, a, _ in scene_questions(s, rng)] for s in scenes]
+    if captions:  # after the questions, so the questions' random draws are the same with and without
+        conversations = [t + [(CAPTION_PROMPT, shapes.caption(s))] for t, s in zip(conversations, scenes, strict=True)]
+    return [render(s) for s in scenes], conversations, scenes
 
 
 ALIGN_MIN_COVER = 0.25  # a patch is an object's when the object covers at least this share of its pixels
@@ -239,6 +247,7 @@ def train(
     align_steps: int = 1000,
     align_weight: float = 1.0,
     align_positions: tuple[str, ...] = (),
+    captions: bool = False,
     init: str | Path | None = None,
     seed: int = 0,
     bf16: bool = True,
@@ -263,7 +272,7 @@ def train(
     projector = model.model.multi_modal_projector
     projector.requires_grad_(True)
 
-    images, conversations, scenes = training_scenes(n_train, seed)
+    images, conversations, scenes = training_scenes(n_train, seed, captions)
     feats = cached_features(model, processor, images, n_train, seed).to(device)
     grid = int(math.isqrt(feats.shape[1]))
     words = patch_words(scenes, processor.tokenizer, grid, positions=align_positions).to(device)
