@@ -474,13 +474,16 @@ class Composer:
 
     def __init__(self, model, processor, records: Sequence, *, n_score: int | None = None,
                  n_heldout: int | None = None, beam: int = BEAM, shortlist: int = SHORTLIST, step: int | None = None,
-                 batch_size: int = 16, seeds: int = SEEDS, keep_shares: Sequence[float] = KEEP_SHARES):  # fmt: skip
+                 batch_size: int = 16, seeds: int = SEEDS, keep_shares: Sequence[float] = KEEP_SHARES,
+                 on_measure: Callable[[], None] | None = None):  # fmt: skip
+        """`on_measure()` is called after each plan the search runs (a progress display)."""
         check_search(beam, shortlist, step)
         if seeds < 0 or not keep_shares or not all(0 < f < 1 for f in keep_shares):
             raise SkipitError("seeds must be at least 0 and every keep share in (0, 1)")
         self.score, self.heldout = split_records(records, n_score, n_heldout)
         start = time.perf_counter()
         self.measurer = ModelMeasurer(model, processor, self.score, self.heldout, batch_size)
+        self.measurer.on_measure = on_measure
         self.empty = Plan.for_model(model)
         self.search = {"beam": beam, "shortlist": shortlist, "step": band_step(self.empty.num_layers, step),
                        "seeds": seeds, "keep_shares": list(keep_shares)}  # fmt: skip

@@ -76,10 +76,8 @@ def run(run_dir: str | Path, config: DemoConfig | None = None, model_path: str |
     if plan is None or not plan.evidence.get("search"):  # none yet, or one of an earlier release's planner
         with progress("plan") as bar, _timed_step(console, "2/4 plan"):
             task = bar.add_task("2/4 plan: plans measured on the calibration records", total=None)
-            composer = Composer(model, processor, calib, **config.compose)
-            composer.measurer.on_measure = lambda: bar.advance(task)
+            composer = Composer(model, processor, calib, **config.compose, on_measure=lambda: bar.advance(task))
             plan = composer.plan(kappa=config.kappa)
-            composer.measurer.on_measure = None
         plan.save(run_dir / "plan.json")
     saving = plan.evidence["flops_removed"]
     kl = plan.evidence["kl"]

@@ -225,12 +225,10 @@ def sweep_model(
         encoded = sweep.speed_batch(vlm, processor, records)
         calib_records = calib_records or records[:n_calib]
         with _tracker(progress, "plan") as track:  # the composed planner's search is most of this step
-            composer = Composer(vlm, processor, calib_records)
             advance = track("planning skipit's and the baselines' plans (plans measured)", None) if track else None
-            composer.measurer.on_measure = (lambda: advance(1)) if advance else None
+            composer = Composer(vlm, processor, calib_records, on_measure=(lambda: advance(1)) if advance else None)
             plans |= sweep.compared_plans(vlm, processor, calib_records, result, encoded, levels, chosen,
                                           composer=composer)  # fmt: skip
-            composer.measurer.on_measure = None
     with _tracker(progress, "plan") as track:
         advance = track("sweeping plans", len(plans)) if track else None
         return sweep.run(vlm, processor, records, out, plans, analysis=result, batch_size=batch_size,
