@@ -1,7 +1,7 @@
 """Save the language backbone of a LLaVA checkpoint (decoder + LM head) as a plain LlamaForCausalLM, with its
 tokenizer, so `skipit analyze` can measure the same layers on text alone.
 
-    .venv/bin/python benchmarks/text_backbone.py [--model ~/.cache/skipit/mini-llava-v2] --out /tmp/smollm2-text
+    .venv/bin/python benchmarks/text_backbone.py [--model ~/.cache/skipit/mini-llava-v3] --out /tmp/smollm2-text
 """
 
 from __future__ import annotations

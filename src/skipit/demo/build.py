@@ -28,7 +28,7 @@ from skipit.demo import weights
 from skipit.demo.dinov2_onnx import convert as convert_dinov2
 from skipit.errors import SkipitError
 
-VERSION = "2"  # bump when the assembled model changes, so stale caches are rebuilt
+VERSION = "3"  # bump when the assembled model changes, so stale caches are rebuilt
 IMAGE_SIZE = 112  # 8 x 8 patches of 14 px -> 64 vision tokens
 IMAGE_TOKEN = "<image>"
 # DINOv2 hidden states fed to the projector (LLaVA's vision_feature_layer; a list is concatenated): layer 4 is where

@@ -168,9 +168,9 @@ def patch_words(scenes: list[list[Obj]], tokenizer, grid: int, patch: int = 14, 
     " <row>" and/or " <column>". Small objects cover less than one patch: each object also keeps the patch it covers
     most.
 
-    `positions` is the lever tried for column questions (0.53 on v2, which is trained without it): it raised column to
-    0.73 but cost colour, shape, row and existence, 0.685 overall (docs/benchmarks.md), so the shipped weights do
-    without."""
+    `positions` is the lever for column questions: from scratch it cost colour, shape and size what it gave column;
+    from weights that already read the object words, the row and column words and then the column word alone took
+    column from 0.57 to 0.81 (docs/benchmarks.md, the stages of `RECIPE`)."""
     def word(w: str) -> int:
         (token,) = tokenizer(" " + w, add_special_tokens=False)["input_ids"]  # one token each in SmolLM2
         return token
@@ -333,7 +333,8 @@ RECIPE: tuple[dict, ...] = (
     {"steps": 150, "align_steps": 1000, "seed": 0},  # align the projector to word embeddings, then the answers
     {"steps": 150, "align_steps": 0, "lr": 1e-3, "lora_lr": 1e-3, "seed": 1},  # more answers: every type but column
     {"steps": 60, "align_steps": 0, "lr": 1e-3, "lora_lr": 1e-3, "seed": 2, "align_positions": ("row", "column")},
-    {"steps": 60, "align_steps": 0, "lr": 1e-3, "lora_lr": 1e-3, "seed": 3, "align_positions": ("column",)},
+    {"steps": 60, "align_steps": 0, "lr": 1e-3, "lora_lr": 1e-3, "seed": 3, "align_positions": ("column",),
+     "captions": True},  # the column word alone (" middle" is also a row word), and the reference captions
 )
 
 
