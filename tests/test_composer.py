@@ -99,7 +99,8 @@ def test_a_budget_is_also_reached_from_the_least_kl_decision_that_alone_comes_ne
     costs = {(2, 0.25): 0.01, (2, 0.125): 0.02, (0, 0.125): 0.1}
 
     def kl_of(plan: Plan, split: str) -> list[float]:
-        pruned = 0.0 if plan.prune_vision_after is None else costs[plan.prune_vision_after, plan.prune_vision_keep]
+        key = plan.prune_vision_after, plan.prune_vision_keep  # other shares (`budget_shares`) cost 5
+        pruned = 0.0 if plan.prune_vision_after is None else costs.get(key, 5.0)
         return [pruned + len(plan.skip_layers) + (plan.early_exit is not None)] * 4
 
     plain = cost(SHAPE, None, PROMPT).prefill
@@ -113,6 +114,27 @@ def test_a_budget_is_also_reached_from_the_least_kl_decision_that_alone_comes_ne
     state, record = compose(measurer, EMPTY, budget=0.5, pool=pool)
     assert state.decisions == (Decision("prune", 0, keep=0.125),) and state.kl == pytest.approx(0.1)
     assert ["prune 0 keep 0.125"] in [p["decisions"] for p in record["path"]]
+
+
+def test_a_budget_just_past_a_fixed_share_is_reached_by_pruning_to_the_share_that_meets_it():
+    # pruning after layer 0 costs 0.2 x the share of vision tokens dropped, a skipped layer 1: the fixed share 1/4
+    # falls just short of the budget, and only a whole layer would close the gap without a budget-matched share
+    def kl_of(plan: Plan, split: str) -> list[float]:
+        pruned = 0.0 if plan.prune_vision_after is None else 0.2 * (1 - plan.prune_vision_keep)
+        return [pruned + len(plan.skip_layers)] * 4
+
+    plain = cost(SHAPE, None, PROMPT).prefill
+    measurer = Measurer(kl_of, lambda plan: 1 - cost(SHAPE, plan, PROMPT).prefill / plain)
+    quarter = measurer.saving(EMPTY.with_decisions(prune_vision_after=0, prune_vision_keep=0.25))
+    budget = quarter + 0.02
+    pool = [Decision("prune", 0, keep=0.25), Decision("skip", 1), Decision("skip", 4)]
+    state, _ = compose(measurer, EMPTY, budget=budget, pool=pool)
+    plan = state.plan  # pruning alone (the matched share, or the fixed one tightened to it)
+    assert plan.prune_vision_after == 0 and plan.prune_vision_keep < 0.25 and not plan.skip_layers
+    assert state.saving >= budget and state.kl < 0.2
+    assert measurer.saving(EMPTY.with_decisions(prune_vision_after=0, prune_vision_keep=plan.prune_vision_keep + 2e-3)
+                           ) < budget  # fmt: skip
+    assert composer.budget_shares(measurer, EMPTY, pool, quarter - 1e-6) == []  # the fixed share already meets it
 
 
 def test_of_the_plans_that_reach_a_budget_the_one_with_the_least_kl_over_both_sets_is_chosen():
