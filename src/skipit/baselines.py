@@ -41,7 +41,7 @@ from functools import cached_property
 import torch
 
 from skipit.errors import SkipitError
-from skipit.flops import prefill_saving
+from skipit.flops import largest_keep_share, prefill_saving
 from skipit.plan import Plan
 from skipit.prompts import record_inputs
 from skipit.result import AnalysisResult, as_result
@@ -243,13 +243,10 @@ def largest_share(ctx: BaselineContext, name: str, after: int, rank: str = "atte
     def make(keep: float) -> Plan:
         return ctx.empty.with_decisions(prune_vision_after=after, prune_vision_keep=keep, prune_vision_rank=rank)
 
-    lo, hi = 1e-3, 1 - 1e-3  # saving falls as the share kept grows
-    if not ctx.meets(make(lo)):
+    keep = largest_keep_share(lambda share: ctx.meets(make(share)))
+    if keep is None:
         raise ctx.cannot(name)
-    for _ in range(20):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if ctx.meets(make(mid)) else (lo, mid)
-    return make(lo)
+    return make(keep)
 
 
 @register("fastv", "Chen et al. (2024): after layer 2 keep the vision tokens the last token attends to most")

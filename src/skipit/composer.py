@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 import torch
 
 from skipit.errors import SkipitError
-from skipit.flops import batch_costs
+from skipit.flops import batch_costs, largest_keep_share
 from skipit.intervals import mean_interval
 from skipit.plan import Plan
 from skipit.prompts import record_inputs
@@ -309,13 +309,9 @@ def budget_shares(measurer: Measurer, empty: Plan, pool: Sequence[Decision], bud
             plan = _with(empty, Decision("prune", layer, keep=keep, ranker=ranker), plan_fields(empty))
             return plan is not None and measurer.saving(plan) >= budget
 
-        lo, hi = 1e-3, 1 - 1e-3  # the saving falls as the share kept grows
-        if not meets(lo):
+        if (share := largest_keep_share(meets)) is None:
             continue
-        for _ in range(20):
-            mid = (lo + hi) / 2
-            lo, hi = (mid, hi) if meets(mid) else (lo, mid)
-        keep = math.floor(lo * 1e4) / 1e4  # a readable share that keeps no more, so still meets the budget
+        keep = math.floor(share * 1e4) / 1e4  # a readable share that keeps no more, so still meets the budget
         if not any(d.kind == "prune" and (d.layer, d.ranker) == (layer, ranker) and d.keep >= keep - 1e-3
                    and meets(d.keep) for d in pool):  # fmt: skip  # (a fixed share already meets it)
             out.append(Decision("prune", layer, keep=keep, ranker=ranker))

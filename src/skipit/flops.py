@@ -21,7 +21,7 @@ attention scores in `prefill_scores` (token-pair products, not weight matrices).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from torch import nn
@@ -225,3 +225,15 @@ def ideal_speedup(shape: Shape, plan: Plan | Sequence[str], vision: Sequence[boo
         "flops_removed": 1.0 - mine.prefill / base.prefill,
         "decode_flops_removed": 1.0 - mine.decode_mean / base.decode_mean if decode_steps else 0.0,
     }
+
+
+def largest_keep_share(meets: Callable[[float], bool]) -> float | None:
+    """The largest share of vision tokens kept, to about 1e-6, at which `meets(share)` (a plan pruning to it removes
+    enough FLOPs) holds, by bisection: the FLOPs removed fall as the share kept grows. None when even 0.1 % does not."""
+    lo, hi = 1e-3, 1 - 1e-3
+    if not meets(lo):
+        return None
+    for _ in range(20):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if meets(mid) else (lo, mid)
+    return lo
