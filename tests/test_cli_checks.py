@@ -70,6 +70,10 @@ CASES = [  # (args with {t} for the tmp folder, message fragment)
      "budgets are fractions of the FLOPs between 0 and 1, got 1.5"),
     (["sweep", NO_MODEL, "--data", "{t}/data.jsonl", "--out", "{t}/run", "--methods", "medusa"],
      "unknown baselines ['medusa']; available: vtw, shortv"),
+    (["sweep", NO_MODEL, "--data", "{t}/data.jsonl", "--out", "{t}/run", "--captions", "0"],
+     "--captions must be at least 1, got 0"),
+    (["sweep", NO_MODEL, "--data", "{t}/data.jsonl", "--out", "{t}/run", "--captions", "2"],
+     "--captions captions under the plans compared at matched FLOPs, which need --analysis"),
     (["bench", NO_MODEL, "--plan", "{t}/plan.json", "--image", "{t}/a.png", "--repeats", "0"],
      "--repeats must be at least 1"),
     (["bench", NO_MODEL, "--plan", "{t}/plan.json", "--image", "{t}/a.png", "--batch-size", "0"],
@@ -158,6 +162,19 @@ def test_sweep_refuses_an_analysis_of_another_model(tiny_llava_dir, shapes, make
     code, o, err = cli(monkeypatch, capsys, *_sweep_args(tiny_llava_dir, test, out, "--analysis", other))
     assert_one_line_error(code, o, err, "is an analysis of another model (fingerprint 0123456789abcdef")
     assert not out.exists()
+
+
+def test_sweep_captions_need_records_with_a_caption(make_run, tmp_path, monkeypatch, capsys):
+    from PIL import Image
+
+    run = make_run("run", L=6, plan=False, sweep=False)
+    Image.new("RGB", (16, 16)).save(tmp_path / "a.png")
+    data = tmp_path / "data.jsonl"
+    data.write_text(json.dumps({"id": "r1", "image": "a.png", "question": "q?", "answer": "x"}))
+    code, o, err = cli(monkeypatch, capsys, "sweep", NO_MODEL, "--data", data, "--out", tmp_path / "out",
+                       "--analysis", run, "--captions", 2)  # fmt: skip
+    assert_one_line_error(code, o, err, '1 records have no "caption" to score (first: \'r1\')')
+    assert not (tmp_path / "out").exists()
 
 
 # ---------------------------------------------------------------- Ctrl-C

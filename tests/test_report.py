@@ -258,3 +258,23 @@ def test_intervals_noisy_speeds_and_significance_are_shown(make_run):
     assert "[0.871, 0.936]" in base and "+3.5" in base and "[+0.5, +6.5]" in base and "0.012" in base
     if data.get("safe_but_lost"):
         assert "every such loss may be chance" in section(page, "degradation")
+
+
+def test_captions_under_the_compared_plans_get_their_own_chart_and_table(make_run):
+    run = make_run()
+    before = charts(rep.write_report(run).read_text())
+    data = json.loads((run / "sweep.json").read_text())
+    ci = {"value": 0.8, "low": 0.7, "high": 0.9, "level": 0.95}
+    data["captions"] = {"n_images": 40, "max_new_tokens": 64, "reference": {"cider": 7.597, "cider_ci": {
+        "value": 7.597, "low": 6.867, "high": 8.288, "level": 0.95}}, "rows": [
+        {"method": "skipit", "budget": 0.2, "flops_removed": 0.203, "cider": 6.088, "cider_ci": ci,
+         "cider_kept": 0.801, "cider_kept_ci": ci},
+        {"method": "divprune", "budget": 0.2, "flops_removed": 0.203, "cider": 6.858, "cider_ci": ci,
+         "cider_kept": 0.903, "cider_kept_ci": ci,
+         "skipit_gain": {"value": -0.77, "low": -1.424, "high": -0.146, "level": 0.95}}]}  # fmt: skip
+    (run / "sweep.json").write_text(json.dumps(data))
+    page = rep.write_report(run).read_text()
+    base = section(page, "baselines")
+    assert charts(page) == before + 1 and "CIDEr-D kept (%)" in base
+    assert "Greedy captions of 40 images" in base and "7.597" in base and "[6.867, 8.288]" in base
+    assert "-0.770" in base and "[-1.424, -0.146]" in base and "divprune" in base

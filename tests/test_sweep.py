@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
 import pytest
 import torch
 
-from skipit import baselines
+from skipit import baselines, models
 from skipit.analysis import analyze
 from skipit.data.jsonl import load_records
 from skipit.data.shapes import write_split
@@ -271,3 +272,69 @@ def test_layer_contribution_equals_its_definition(setup):
             for j in range(empty.num_layers)]  # fmt: skip
     fast = baselines.layer_contribution(model, processor, calib)  # the same batches: the same padding
     assert fast == pytest.approx(slow, rel=1e-4, abs=1e-9) and max(slow) > 1e-5
+
+
+def test_captions_under_each_compared_plan_with_paired_intervals_and_resume(setup, tmp_path, monkeypatch):
+    from skipit.evaluation import caption
+
+    model, processor, test, _, _ = setup
+    # references: the untouched model's own captions (a random model scores 0 against the shapes captions), short
+    # enough that they differ between images (CIDEr-D gives nothing for an n-gram that every image's references hold)
+    firsts, tokens = [rec for rec, _ in caption.by_image(test)], 12
+    own = caption.evaluate(model, processor, firsts, max_new_tokens=tokens)["predictions"]
+    ref_of = {p["image"]: p["prediction"] for p in own}
+    records = [dataclasses.replace(r, caption=ref_of[str(r.image)]) for r in test]
+    empty = Plan.for_model(model)
+    skip = empty.with_decisions(skip_layers=[3])
+    compared = [{"method": "skipit", "budget": 0.1, "flops_removed": 0.0, "plan": empty.to_dict()},
+                {"method": "random", "budget": 0.1, "flops_removed": 1 / 6, "plan": skip.to_dict()},
+                {"method": "fastv", "budget": None, "flops_removed": 0.3, "plan": skip.to_dict()}]  # fmt: skip
+    made = []
+    evaluate = caption.evaluate
+    monkeypatch.setattr(caption, "evaluate", lambda *a, **k: made.append(1) or evaluate(*a, **k))
+    n = len(firsts) - 1
+    result = sweep.caption_pareto(model, processor, records, tmp_path, compared, n, max_new_tokens=tokens)
+
+    assert result["n_images"] == n and result["reference"]["cider"] > 0
+    assert [(r["method"], r["budget"]) for r in result["rows"]] == [("skipit", 0.1), ("random", 0.1)]
+    mine, other = result["rows"]
+    assert mine["cider"] == result["reference"]["cider"] and mine["cider_kept"] == 1.0  # the empty plan's decisions
+    assert len(made) == 2  # the untouched model and the skip plan: skipit's plan is the empty one, captioned once
+    apply_plan(model, skip)  # the method's CIDEr-D is what captioning under its plan gives
+    try:
+        alone = evaluate(model, processor, records, max_new_tokens=tokens)
+    finally:
+        remove_plan(model)
+    by_image = caption.by_image(records)[:n]
+    cider, _ = caption.cider_d([p["prediction"] for p in alone["predictions"][:n]], [refs for _, refs in by_image])
+    assert other["cider"] == pytest.approx(cider)
+    assert other["cider_kept"] == pytest.approx(other["cider"] / result["reference"]["cider"])
+    assert other["skipit_gain"]["value"] == pytest.approx(mine["cider"] - other["cider"])
+    assert other["skipit_gain"]["low"] <= other["skipit_gain"]["value"] <= other["skipit_gain"]["high"]
+    assert sorted(p.name for p in (tmp_path / "captions").glob("*.json")) == [
+        "empty.json", "random@0.1.json", "skipit@0.1.json"]
+
+    made.clear()  # a rerun reuses what it made; other images are another key, captioned again
+    again = sweep.caption_pareto(model, processor, records, tmp_path, compared, n, max_new_tokens=tokens)
+    assert again["rows"] == result["rows"] and made == []
+    sweep.caption_pareto(model, processor, records, tmp_path, compared, n + 1, max_new_tokens=tokens)
+    assert len(made) == 2
+
+
+
+def test_sweep_with_captions_adds_them_to_sweep_json(tiny_llava_dir, tmp_path):
+    from skipit.evaluation.run import sweep_model
+
+    test = write_split(tmp_path / "shapes", "test", n=4).parent
+    calib = write_split(tmp_path / "shapes", "calibration", n=4).parent
+    model, processor = models.load(tiny_llava_dir)
+    analyze(model, processor, load_records(calib), batch_size=2,
+            stats_config=StatsConfig(n_bootstrap=5, sketch_size=16)).save(tmp_path / "run")  # fmt: skip
+    out = tmp_path / "sweep"
+    summary = sweep_model(tiny_llava_dir, test, out, analysis=tmp_path / "run", calib=calib, step=6, budgets="0.2",
+                          methods="random,shortgpt", n_calib=4, repeats=1, time_grid=False, captions=2)  # fmt: skip
+    captions = json.loads((out / "sweep.json").read_text())["captions"]
+    assert captions == json.loads(json.dumps(summary["captions"])) and captions["n_images"] == 2
+    compared = [(b["method"], b["budget"]) for b in summary["baselines"] if b["budget"] is not None]
+    assert [(r["method"], r["budget"]) for r in captions["rows"]] == compared and len(compared) == 3
+    assert {p.stem for p in (out / "captions").glob("*.json")} == {"empty"} | {f"{m}@{b:g}" for m, b in compared}

@@ -509,6 +509,9 @@ def sweep(
     restart: Annotated[bool, typer.Option(help="Discard the results saved in OUT (else: resume)")] = False,
     time_grid: Annotated[bool, typer.Option(help="Time the grid's plans too (else: their accuracy and ideal "
                                                   "speed-ups only)")] = True,
+    captions: Annotated[int | None, typer.Option(
+        help="Also caption the first N distinct images under the untouched model and every plan compared at a "
+             "budget: CIDEr-D kept, with paired intervals (needs --analysis and records with a caption)")] = None,
 ) -> None:
     """Many plans on one benchmark: accuracy, FLOPs, speed; predicted vs measured; baselines at matched FLOPs."""
     from skipit.evaluation.run import sweep_model
@@ -517,7 +520,7 @@ def sweep(
     with _interruptible(ctx, lambda: _plans_kept(out), drop=("restart",)):
         summary = sweep_model(model, data, out, analysis=analysis, calib=calib, n=n, step=step, budgets=budgets,
                               methods=methods, n_calib=n_calib, batch_size=batch_size, repeats=repeats,
-                              restart=restart, time_grid=time_grid, progress=True)  # fmt: skip
+                              restart=restart, time_grid=time_grid, captions=captions, progress=True)  # fmt: skip
     _print_sweep(summary)
     console.print(f"sweep written to {out / 'sweep.json'}")
 
@@ -547,6 +550,18 @@ def _print_sweep(summary: dict) -> None:
         console.print(corr)
         lost = summary["safe_but_lost"]
         console.print(f"called safe but lost > {summary['lost_points']:g} points: {', '.join(lost) or 'none'}")
+    if "captions" in summary:
+        c = summary["captions"]
+        table = Table(title=f"captioning under the compared plans: CIDEr-D on {c['n_images']} images (untouched "
+                            f"{c['reference']['cider']:.3f})")  # fmt: skip
+        for col in ("budget", "method", "FLOPs removed", "CIDEr-D", "kept", "skipit's gain [95% CI]"):
+            table.add_column(col, justify="left" if col == "method" else "right")
+        for r in c["rows"]:
+            g = r.get("skipit_gain")
+            gain = f"{g['value']:+.3f} [{g['low']:+.3f}, {g['high']:+.3f}]" if g else "–"
+            kept = "–" if r["cider_kept"] is None else f"{r['cider_kept']:.1%}"
+            table.add_row(f"{r['budget']:g}", r["method"], f"{r['flops_removed']:.1%}", f"{r['cider']:.3f}", kept, gain)
+        console.print(table)
 
 
 @app.command()

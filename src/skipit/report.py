@@ -567,16 +567,17 @@ def _speed_section(run: Run) -> str:
     return "".join(parts)
 
 
-def _pareto_figure(baselines: list[dict]):
-    """Accuracy kept (with its paired 95 % interval) against FLOPs removed: one line per method over its budgets."""
+def _pareto_figure(baselines: list[dict], kept: str = "accuracy_kept", ylabel: str = "accuracy kept (%)"):
+    """Row[`kept`] (accuracy kept, or CIDEr-D kept), with its paired 95 % interval (row[`kept` + "_ci"]), against
+    FLOPs removed: one line per method over its budgets."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7.2, 3.6), layout="constrained")
     methods = sorted({str(b.get("method")) for b in baselines}, key=lambda m: (not m.startswith("skipit"), m))
     cmap = plt.get_cmap("tab10")
     for i, method in enumerate(methods):
         rows = [b for b in baselines if str(b.get("method")) == method
-                and _num(b.get("accuracy_kept")) is not None and _num(b.get("flops_removed")) is not None]
-        points = sorted(((100 * b["flops_removed"], 100 * b["accuracy_kept"], b.get("accuracy_kept_ci") or {})
+                and _num(b.get(kept)) is not None and _num(b.get("flops_removed")) is not None]
+        points = sorted(((100 * b["flops_removed"], 100 * b[kept], b.get(kept + "_ci") or {})
                          for b in rows), key=lambda p: p[0])  # fmt: skip
         if not points:
             continue
@@ -591,7 +592,7 @@ def _pareto_figure(baselines: list[dict]):
     ax.axhline(100, color="gray", lw=0.6)
     ax.axhline(99, color="gray", lw=0.6, ls=":")
     ax.set_xlabel("prefill FLOPs removed (%)", fontsize=8)
-    ax.set_ylabel("accuracy kept (%)", fontsize=8)
+    ax.set_ylabel(ylabel, fontsize=8)
     ax.tick_params(labelsize=7)
     ax.grid(alpha=0.3)
     fig.legend(fontsize=7, loc="outside right upper")
@@ -623,6 +624,27 @@ def _baselines_section(run: Run, charts: _Charts | None = None) -> str:
         parts.append("<h3>skipit against each method at the same budget</h3>" + _table(
             ["budget", "method", "skipit's gain (points)", "questions skipit gets right / wrong that it does not",
              "McNemar p"], rows, "num"))
+    captions = run.sweep.get("captions")
+    if isinstance(captions, dict) and captions.get("rows"):
+        parts.append(_captions_part(captions, charts))
+    return "".join(parts)
+
+
+def _captions_part(captions: dict, charts: _Charts | None) -> str:
+    """Captioning under the same plans (`skipit sweep --captions`): CIDEr-D kept against FLOPs removed."""
+    ref = captions.get("reference") or {}
+    rows = [[_f(r.get("budget"), ".3g"), _e(r.get("method", "?")), _pct(r.get("flops_removed")),
+             _with_ci(r.get("cider"), r.get("cider_ci"), ".3f"), _with_ci(r.get("cider_kept"), r.get("cider_kept_ci")),
+             _with_ci((r.get("skipit_gain") or {}).get("value"), r.get("skipit_gain"), "+.3f")]
+            for r in captions["rows"]]  # fmt: skip
+    parts = [f"<h3>Captioning under the same plans</h3><p>Greedy captions of {_e(captions.get('n_images', '?'))} "
+             f"images; the untouched model's CIDEr-D: {_with_ci(ref.get('cider'), ref.get('cider_ci'), '.3f')}.</p>"]
+    if charts is not None:
+        parts.append(charts.svg(_pareto_figure(captions["rows"], "cider_kept", "CIDEr-D kept (%)"),
+                                "CIDEr-D kept against prefill FLOPs removed, under the plans compared above (bars: "
+                                "95 % paired bootstrap intervals over the same images)."))  # fmt: skip
+    parts.append(_table(["budget", "method", "FLOPs saved", "CIDEr-D", "CIDEr-D kept", "skipit's gain (CIDEr-D)"],
+                        rows, "num"))
     return "".join(parts)
 
 

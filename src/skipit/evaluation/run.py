@@ -198,20 +198,29 @@ def sweep_model(
     repeats: int = 3,
     restart: bool = False,
     time_grid: bool = True,
+    captions: int | None = None,
     progress: bool = False,
 ) -> dict:
     """The plan grid (and with an analysis skipit's plans and the baselines at matched FLOPs) measured on `data`,
     resuming from OUT/plans/; returns what OUT/sweep.json holds (`skipit.evaluation.sweep.run`). `time_grid`
-    False: the grid's plans are scored but not timed (their ideal speed-ups only)."""
+    False: the grid's plans are scored but not timed (their ideal speed-ups only). `captions` N: also CIDEr-D of
+    the first N distinct images' captions under every plan compared at a budget (`sweep.caption_pareto`), in
+    sweep.json's "captions"."""
     from skipit.analysis import Analysis
     from skipit.data.jsonl import load_records
     from skipit.evaluation import sweep
     from skipit.plan import fingerprint
 
-    at_least(1, n=n, step=step, n_calib=n_calib, batch_size=batch_size, repeats=repeats)
+    at_least(1, n=n, step=step, n_calib=n_calib, batch_size=batch_size, repeats=repeats, captions=captions)
     chosen, levels = parse_methods(methods), parse_budgets(budgets)
+    if captions is not None and analysis is None:
+        raise SkipitError("--captions captions under the plans compared at matched FLOPs, which need --analysis")
     result = Analysis.load(analysis).result if analysis is not None else None
     records = load_records(data, limit=n)
+    if captions is not None:
+        from skipit.evaluation import caption
+
+        caption.check_scorable(records)  # before the slow model load
     calib_records = load_records(calib, limit=n_calib) if calib is not None and result is not None else None
     vlm, processor = load_vlm(model, None)
     if result is not None and result.model.fingerprint not in (None, fingerprint(vlm)):
@@ -231,6 +240,17 @@ def sweep_model(
                                           composer=composer)  # fmt: skip
     with _tracker(progress, "plan") as track:
         advance = track("sweeping plans", len(plans)) if track else None
-        return sweep.run(vlm, processor, records, out, plans, analysis=result, batch_size=batch_size,
-                         repeats=repeats, encoded=encoded, on_plan=(lambda name: advance(1)) if advance else None,
-                         timed=None if time_grid else lambda name: plans[name][0] not in sweep.GRID)  # fmt: skip
+        summary = sweep.run(vlm, processor, records, out, plans, analysis=result, batch_size=batch_size,
+                            repeats=repeats, encoded=encoded, on_plan=(lambda name: advance(1)) if advance else None,
+                            timed=None if time_grid else lambda name: plans[name][0] not in sweep.GRID)  # fmt: skip
+    if captions is not None:
+        from skipit.io import write_json
+
+        compared = [b for b in summary["baselines"] if b["budget"] is not None]
+        with _tracker(progress, "plan") as track:
+            advance = track("captioning under the untouched model and each compared plan", len(compared) + 1
+                            ) if track else None  # fmt: skip
+            summary["captions"] = sweep.caption_pareto(vlm, processor, records, out, compared, captions, batch_size,
+                                                       on_plan=(lambda name: advance(1)) if advance else None)
+        write_json(Path(out) / "sweep.json", summary)
+    return summary

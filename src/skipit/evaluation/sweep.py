@@ -23,9 +23,9 @@ from pathlib import Path
 from skipit import baselines
 from skipit.analysis import records_digest
 from skipit.errors import SkipitError
-from skipit.evaluation import speed, vqa
+from skipit.evaluation import caption, speed, vqa
 from skipit.flops import batch_costs
-from skipit.intervals import paired
+from skipit.intervals import mean_interval, paired
 from skipit.io import write_json
 from skipit.measures import spearman
 from skipit.plan import Plan, fingerprint
@@ -35,6 +35,7 @@ from skipit.skipping import apply_plan, remove_plan
 
 FORMAT, VERSION = "skipit-sweep", 1
 SPEED_BATCH, SPEED_NEW_TOKENS = 8, 8  # the speed batch: the first records' prompts; tokens generated per run
+CAPTION_TOKENS = 64  # `caption_pareto`: the longest caption generated
 GRID = ("late_entry", "early_exit", "vision_frozen", "layer_skip")  # the families the correlations are over
 UNTIMED = ("prefill_speedup", "decode_speedup", "prefill_speedup_low", "prefill_speedup_high", "decode_speedup_low",
            "decode_speedup_high")  # None in the row of a plan scored but not timed
@@ -161,6 +162,9 @@ def saved_files(run_dir: str | Path) -> list[Path]:
 
 def check_saved(run_dir: str | Path, key: dict, restart: bool = False) -> None:
     """Refuse RUN_DIR if it holds results measured under another key; with `restart`, delete them instead."""
+    if restart:  # captions too (`caption_pareto` keys its own files)
+        for path in (Path(run_dir) / "captions").glob("*.json"):
+            path.unlink()
     for path in saved_files(run_dir):
         if restart:
             path.unlink()
@@ -367,3 +371,71 @@ def correlations(rows: list[dict], n_boot: int = 1000, seed: int = 0) -> dict:
         lo, hi = (boots[int(0.025 * len(boots))], boots[int(0.975 * len(boots)) - 1]) if boots else (None, None)
         out[measure] = {"spearman": spearman(list(x), list(y)), "ci_low": lo, "ci_high": hi, "n": len(pairs)}
     return out
+
+
+# ---------------------------------------------------------------- captioning under the compared plans
+
+
+def caption_key(model, images, batch_size: int, max_new_tokens: int) -> dict:
+    """What a saved caption result was measured with (as `run_key` for the VQA results)."""
+    return {"fingerprint": fingerprint(model), "records": records_digest(images, labels=True), "n": len(images),
+            "batch_size": batch_size, "max_new_tokens": max_new_tokens}  # fmt: skip
+
+
+def caption_pareto(model, processor, records, run_dir: str | Path, compared: list[dict], n_images: int,
+                   batch_size: int = 16, max_new_tokens: int = CAPTION_TOKENS,
+                   on_plan: Callable[[str], None] | None = None) -> dict:  # fmt: skip
+    """CIDEr-D of greedy captions of the first `n_images` distinct images of `records`, by the untouched model and
+    under each plan of `compared` made for a budget (the `baselines` rows of sweep.json), with skipit's plan
+    against each method at the same budget.
+
+    The VQA sweep scores one-word answers; a caption is tens of tokens written from the vision tokens, and a plan
+    can keep the one and lose the other. CIDEr-D's document frequencies come from the references of these images,
+    the same for every plan, and corpus CIDEr-D is the mean of the per-image scores, so "kept" (a plan's CIDEr-D over
+    the untouched model's) and skipit's gain (its CIDEr-D minus the method's) carry paired bootstrap intervals over
+    the same images. Each plan's captions land in RUN_DIR/captions/NAME.json as they are made; a rerun reuses
+    those made with the same decisions under the same key (`caption_key`) and makes the others again."""
+    images = [rec for rec, _ in caption.by_image(records)[:n_images]]
+    key = caption_key(model, images, batch_size, max_new_tokens)
+    folder = Path(run_dir) / "captions"
+    empty = Plan.for_model(model)
+    runs = [("empty", None, 0.0, empty)] + [
+        (f"{b['method']}@{b['budget']:g}", b, b["flops_removed"], Plan.from_dict(b["plan"]))
+        for b in compared if b.get("budget") is not None]  # fmt: skip
+    scores: dict[str, dict] = {}
+    for name, _, _, plan in runs:
+        path = folder / f"{name}.json"
+        saved = json.loads(path.read_text()) if path.is_file() else None
+        if saved is None or saved.get("key") != key or saved.get("decisions") != _decisions(plan):
+            twin = next((s for s in scores.values() if s["decisions"] == _decisions(plan)), None)
+            if twin is not None:  # the same decisions under another name: same captions
+                saved = twin | {"name": name}
+            else:
+                apply_plan(model, plan)
+                try:
+                    run = caption.evaluate(model, processor, images, batch_size, max_new_tokens=max_new_tokens)
+                finally:
+                    remove_plan(model)
+                saved = {"name": name, "key": key, "decisions": _decisions(plan), "cider": run["cider"],
+                         "scores": [p["cider"] for p in run["predictions"]],
+                         "captions": [p["prediction"] for p in run["predictions"]]}  # fmt: skip
+            write_json(path, saved)
+        scores[name] = saved
+        if on_plan:
+            on_plan(name)
+    reference = scores["empty"]
+    rows = []
+    for name, row, flops, _ in runs[1:]:
+        versus = paired(reference["scores"], scores[name]["scores"])
+        rows.append({"method": row["method"], "budget": row["budget"], "flops_removed": flops,
+                     "cider": scores[name]["cider"], "cider_ci": versus.run.to_dict(),
+                     "cider_kept": versus.kept.value if reference["cider"] else None,
+                     "cider_kept_ci": versus.kept.to_dict() if reference["cider"] else None})  # fmt: skip
+    mine = {r["budget"]: f"skipit@{r['budget']:g}" for r in rows if r["method"] == "skipit"}
+    for r, (name, *_) in zip(rows, runs[1:], strict=True):
+        if r["method"] != "skipit" and r["budget"] in mine:  # skipit - method, CIDEr-D points, paired over images
+            r["skipit_gain"] = paired(scores[name]["scores"], scores[mine[r["budget"]]]["scores"]).difference.to_dict()
+    return {"n_images": len(images), "max_new_tokens": max_new_tokens, "key": key,
+            "reference": {"cider": reference["cider"], "cider_ci": mean_interval(reference["scores"]).to_dict(),
+                          "examples": reference["captions"][:3]},
+            "rows": rows}  # fmt: skip
