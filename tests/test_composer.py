@@ -173,7 +173,7 @@ def test_budget_is_met_on_the_calibration_prompts(tiny_llava, calib):
     model, processor = tiny_llava
     plan = compose_plan(model, processor, calib, budget=0.3, n_score=4, n_heldout=4)
     ev = plan.evidence
-    assert ev["objective"] == {"budget": 0.3} and ev["flops_removed"] >= 0.3
+    assert ev["objective"] == {"budget": 0.3, "tokens": 1, "prompt": "question"} and ev["flops_removed"] >= 0.3
     assert prefill_saving(model, record_inputs(processor, calib), plan) == pytest.approx(ev["flops_removed"], rel=1e-5)
     assert ev["decisions"][-1]["composed"]["flops_removed"] == ev["flops_removed"]
     assert ev["predicted"]["flops_removed"] == pytest.approx(ev["flops_removed"], abs=1e-4)
@@ -316,3 +316,88 @@ def _first_changed_layer(plan: Plan) -> int:
 
     roles = plan.roles()
     return next((j for j, role in enumerate(roles) if role != "all" or ranks_at(plan, j) is not None), len(roles))
+
+
+def _reply_kl(model, processor, rows, plan: Plan | None, tokens: int, prompt: str) -> list[float]:
+    """Slow reference of the KL over a reply: per record alone, the untouched model's greedy reply one token at a
+    time, then the plan fed the same tokens one at a time (decoding steps, as generate() runs them)."""
+    import torch
+    from transformers import DynamicCache
+
+    from skipit.skipping import apply_plan, remove_plan
+
+    eos = model.generation_config.eos_token_id
+    out = []
+    for row in rows:
+        inputs = composer.calibration_inputs(processor, [row], prompt, model.device)
+
+        def run(fed, inputs=inputs):  # log-probabilities of each next token, feeding `fed` (None: the greedy ones)
+            cache, mask, logps, tokens_fed = DynamicCache(config=model.config), inputs["attention_mask"], [], []
+            logits = model(**inputs, past_key_values=cache, use_cache=True).logits[:, -1]
+            for t in range(tokens):
+                logps.append(torch.log_softmax(logits.float(), -1)[0])
+                if t == tokens - 1:
+                    break
+                token = logits.argmax(-1) if fed is None else fed[t][None]
+                tokens_fed.append(token[0])
+                mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+                logits = model(input_ids=token[:, None], attention_mask=mask, past_key_values=cache,
+                               use_cache=True).logits[:, -1]  # fmt: skip
+            return logps, tokens_fed
+
+        with torch.inference_mode():
+            p, fed = run(None)
+            if plan is not None:
+                apply_plan(model, plan)
+            try:
+                q, _ = run(fed)
+            finally:
+                if plan is not None:
+                    remove_plan(model)
+        counted = [0] + [t for t in range(1, tokens) if eos not in [int(x) for x in fed[:t]]]
+        out.append(sum(float((p[t].exp() * (p[t] - q[t])).sum()) for t in counted) / len(counted))
+    return out
+
+
+@pytest.mark.parametrize("prompt", ["question", "caption"])
+def test_kl_over_the_reply_equals_decoding_it_token_by_token(tiny_llava, calib, prompt):
+    from skipit.composer import ModelMeasurer
+
+    model, processor = tiny_llava
+    empty = Plan.for_model(model)
+    plans = [empty.with_decisions(early_exit=2),  # the reply's tokens no longer see the vision keys after layer 2
+             empty.with_decisions(prune_vision_after=1, prune_vision_keep=0.5, frozen_vision_layers=[0]),
+             empty.with_decisions(skip_layers=[3])]  # fmt: skip
+    measurer = ModelMeasurer(model, processor, calib[:3], calib[3:5], batch_size=2, tokens=5, prompt=prompt)
+    assert measurer.kl(empty, "heldout") == pytest.approx([0, 0], abs=1e-6)
+    for plan in plans:
+        got = measurer.kl(plan, "score")
+        assert got == pytest.approx(_reply_kl(model, processor, calib[:3], plan, 5, prompt), rel=1e-3, abs=1e-6)
+    one = ModelMeasurer(model, processor, calib[:3], calib[3:5], batch_size=2, prompt=prompt)
+    assert one.kl(plans[0], "score") != pytest.approx(measurer.kl(plans[0], "score"), rel=1e-3)  # not the same KL
+
+
+def test_positions_past_the_end_of_the_reply_do_not_count(tiny_llava, calib, monkeypatch):
+    from skipit.composer import ModelMeasurer
+
+    model, processor = tiny_llava
+    plan = Plan.for_model(model).with_decisions(skip_layers=[3])
+    first = ModelMeasurer(model, processor, calib[:2], calib[2:3], tokens=1)
+    fed, _ = ModelMeasurer(model, processor, calib[:2], calib[2:3], tokens=2).replies["score"][0]
+    # the first row's first reply token made end-of-text: that row counts its answer token only
+    monkeypatch.setattr(model.generation_config, "eos_token_id", int(fed[0, 0]))
+    measurer = ModelMeasurer(model, processor, calib[:2], calib[2:3], tokens=4)
+    assert measurer.replies["score"][0][1][0].tolist() == [True, False, False, False]
+    assert measurer.kl(plan, "score")[0] == pytest.approx(first.kl(plan, "score")[0], rel=1e-5)
+
+
+def test_a_plan_made_for_captions_reports_the_kl_over_their_first_tokens(tiny_llava, calib):
+    model, processor = tiny_llava
+    plan = compose_plan(model, processor, calib, budget=0.2, n_score=4, n_heldout=4, shortlist=3, tokens=3,
+                        prompt="caption")  # fmt: skip
+    ev = plan.evidence
+    assert ev["objective"] == {"budget": 0.2, "tokens": 3, "prompt": "caption"}
+    assert "first 3 tokens" in ev["kl"]["unit"] and "for a caption" in ev["kl"]["unit"]
+    heldout = [r for r in calib if r.id in ev["calibration"]["heldout"]]
+    slow = _reply_kl(model, processor, heldout, plan, 3, "caption")
+    assert sum(slow) / len(slow) == pytest.approx(ev["kl"]["value"], rel=1e-3, abs=1e-7)

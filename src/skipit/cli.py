@@ -416,6 +416,12 @@ def plan_(
     shortlist: Annotated[int | None, typer.Option(help="Composed: best-ranked decisions tried per step [6]")] = None,
     step: Annotated[int | None, typer.Option(
         help="Composed: layer spacing of exits, entries, pruning (default: about layers / 8)")] = None,
+    kl_tokens: Annotated[int | None, typer.Option(
+        help="Composed: the KL is the mean over the first T tokens of the untouched model's greedy reply [1: the "
+             "answer token]")] = None,
+    kl_prompt: Annotated[str | None, typer.Option(
+        help="Composed: what the calibration records are asked: question (their VQA question) or caption "
+             "[question]")] = None,
 ) -> None:
     """Turn an analysis into a skip plan: the widest bands whose layers all meet the conditions (or, with
     --composed, the decisions measured to cost the least KL per FLOP removed)."""
@@ -439,7 +445,12 @@ def plan_(
         if kappa is not None and not kappa > 0:
             raise SkipitError(f"--kappa is the held-out KL allowed, in nats, above 0; got {kappa:g}")
         at_least(1, **search)
-    elif given := [name for name, value in {"model": model, "calib": calib, **search}.items() if value is not None]:
+        from skipit.composer import check_kl
+
+        check_kl(kl_tokens or 1, kl_prompt or "question")
+        search |= {"tokens": kl_tokens, "prompt": kl_prompt}
+    elif given := [name for name, value in {"model": model, "calib": calib, **search, "kl_tokens": kl_tokens,
+                                            "kl_prompt": kl_prompt}.items() if value is not None]:  # fmt: skip
         raise SkipitError(f"--{given[0].replace('_', '-')} goes with --composed")
     result = Analysis.load(analysis).result
     given = {"epsilon": epsilon, "delta": delta, "eta": eta, "tau": tau, "kappa": kappa}
@@ -512,6 +523,11 @@ def sweep(
     captions: Annotated[int | None, typer.Option(
         help="Also caption the first N distinct images under the untouched model and every plan compared at a "
              "budget: CIDEr-D kept, with paired intervals (needs --analysis and records with a caption)")] = None,
+    kl_tokens: Annotated[int, typer.Option(
+        help="skipit's composed plans: KL over the first T tokens of the untouched model's greedy reply")] = 1,
+    kl_prompt: Annotated[str, typer.Option(
+        help="skipit's composed plans: the calibration records are asked their question or for a caption"),
+    ] = "question",
 ) -> None:
     """Many plans on one benchmark: accuracy, FLOPs, speed; predicted vs measured; baselines at matched FLOPs."""
     from skipit.evaluation.run import sweep_model
@@ -520,7 +536,8 @@ def sweep(
     with _interruptible(ctx, lambda: _plans_kept(out), drop=("restart",)):
         summary = sweep_model(model, data, out, analysis=analysis, calib=calib, n=n, step=step, budgets=budgets,
                               methods=methods, n_calib=n_calib, batch_size=batch_size, repeats=repeats,
-                              restart=restart, time_grid=time_grid, captions=captions, progress=True)  # fmt: skip
+                              restart=restart, time_grid=time_grid, captions=captions, kl_tokens=kl_tokens,
+                              kl_prompt=kl_prompt, progress=True)  # fmt: skip
     _print_sweep(summary)
     console.print(f"sweep written to {out / 'sweep.json'}")
 

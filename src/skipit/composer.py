@@ -45,12 +45,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
+from transformers import DynamicCache
 
 from skipit.errors import SkipitError
 from skipit.flops import batch_costs, largest_keep_share
 from skipit.intervals import mean_interval
 from skipit.plan import Plan
-from skipit.prompts import record_inputs
+from skipit.prompts import caption_text, model_inputs, record_inputs
 from skipit.replay import Recorder, replaying
 from skipit.skipping import apply_plan, remove_plan
 
@@ -62,6 +63,7 @@ N_SCORE, N_HELDOUT = 16, 16  # calibration examples that rank the decisions, and
 SHORTLIST, BEAM = 6, 1
 BAND_POSITIONS = 8  # by default, the band decisions (exit, entry, pruning) are tried at about this many layers
 DECODE_STEPS = 16  # for the predicted decode-step saving, as in `skipit.planner.predicted`
+PROMPTS = ("question", "caption")  # what the calibration records are asked (`calibration_inputs`)
 
 # ---------------------------------------------------------------- decisions
 
@@ -211,22 +213,42 @@ def encode(model, inputs: dict) -> dict:
         return model._prepare_multimodal_encoder_kwargs_for_generation(dict(inputs))
 
 
+def calibration_inputs(processor, rows: Sequence, prompt: str = "question", device=None) -> dict:
+    """Model inputs of calibration records asked `prompt` (`PROMPTS`): their VQA question, or for a caption."""
+    if prompt == "question":
+        return record_inputs(processor, rows, device=device)
+    if prompt == "caption":
+        return model_inputs(processor, [caption_text(processor)] * len(rows), [r.load_image() for r in rows],
+                            device=device)  # fmt: skip
+    raise SkipitError(f"unknown calibration prompt {prompt!r}; available: {', '.join(PROMPTS)}")
+
+
 class ModelMeasurer(Measurer):
     """KL and FLOPs of plans of `model` on two sets of calibration records, from inputs encoded once.
+
+    `tokens` T: the KL is the mean over the first T tokens of the untouched model's greedy reply (T = 1: the answer
+    token alone). The reply is generated once; under each plan it is teacher-forced: the prompt's prefill, then
+    the reply's tokens in one call that continues the plan's cache, as a plan's decoding does (the tokens a pruned
+    or exited vision token would have been attended by see it gone). Positions past the reply's end-of-text token
+    do not count.
 
     The layers a plan leaves as they are, before its first change, replay the untouched model's prefill instead of
     running again (`skipit.replay`): a decision at layer j costs the layers from j on."""
 
     def __init__(self, model, processor, score: Sequence, heldout: Sequence, batch_size: int = 16,
-                 replay: bool = True, batches: dict[str, list[dict]] | None = None):  # fmt: skip
+                 replay: bool = True, batches: dict[str, list[dict]] | None = None, tokens: int = 1,
+                 prompt: str = "question"):  # fmt: skip
         """`batches`: {"score": [...], "heldout": [...]} model inputs, instead of the records' (`processor`, `score`
         and `heldout` are then not read)."""
-        self.model, self.replay = model, replay
+        check_kl(tokens, prompt)
+        self.model, self.replay, self.tokens = model, replay, tokens
         self.batches = batches or {
-            split: [encode(model, record_inputs(processor, rows[i:i + batch_size], device=model.device))
+            split: [encode(model, calibration_inputs(processor, rows[i:i + batch_size], prompt, model.device))
                     for i in range(0, len(rows), batch_size)]
             for split, rows in (("score", score), ("heldout", heldout))}  # fmt: skip
         self.recorders = {split: Recorder(model) for split in self.batches}
+        # per batch: the reply tokens fed back after the prompt (batch, T - 1) and the positions that count (batch, T)
+        self.replies = {split: [self._greedy_reply(b) for b in batches] for split, batches in self.batches.items()}
         self.reference = {split: self._logprobs(split, None) for split in self.batches}
         self.plain_prefill = sum(batch_costs(model, b, None, 1)["prefill"] for b in self._all())
         super().__init__(self._measure_kl, self._measure_saving)
@@ -235,24 +257,57 @@ class ModelMeasurer(Measurer):
         return [b for batches in self.batches.values() for b in batches]
 
     @torch.inference_mode()
-    def _logprobs(self, split: str, plan: Plan | None) -> torch.Tensor:
-        if plan is None:  # the untouched model, recorded for the plans' replays
+    def _greedy_reply(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """The untouched model's greedy reply to `batch`, one token at a time from its cache: the T - 1 tokens fed
+        back (the last one predicted is never fed), and whether each of the T predictions comes before the row's
+        end-of-text token (the answer token always does)."""
+        B = batch["input_ids"].shape[0]
+        fed = torch.zeros(B, 0, dtype=torch.long, device=self.model.device)
+        if self.tokens > 1:
+            cache, mask = DynamicCache(config=self.model.config), batch["attention_mask"]
+            logits = self.model(**batch, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+            for _ in range(self.tokens - 1):
+                fed = torch.cat([fed, logits.argmax(-1, keepdim=True)], 1)
+                mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+                logits = self.model(input_ids=fed[:, -1:], attention_mask=mask, past_key_values=cache,
+                                    use_cache=True).logits[:, -1]  # fmt: skip
+        eos = self.model.generation_config.eos_token_id
+        eos = torch.tensor([] if eos is None else [eos] if isinstance(eos, int) else list(eos), device=fed.device)
+        ended = torch.isin(fed, eos).cumsum(1) > 0  # an end-of-text token fed at or before this position
+        return fed, torch.cat([torch.ones(B, 1, dtype=torch.bool, device=fed.device), ~ended], 1)
+
+    def _reply_logprobs(self, batch: dict, fed: torch.Tensor) -> torch.Tensor:
+        """(batch, T, vocab) log-probabilities of the reply's T tokens: the prompt's prefill, then `fed` in one call."""
+        if fed.shape[1] == 0:
+            return torch.log_softmax(self.model(**batch, logits_to_keep=1).logits[:, -1:].float(), -1)
+        cache = DynamicCache(config=self.model.config)
+        first = self.model(**batch, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1:]
+        mask = torch.cat([batch["attention_mask"], torch.ones_like(fed)], 1)
+        rest = self.model(input_ids=fed, attention_mask=mask, past_key_values=cache, use_cache=True).logits
+        return torch.log_softmax(torch.cat([first, rest], 1).float(), -1)
+
+    @torch.inference_mode()
+    def _logprobs(self, split: str, plan: Plan | None) -> list[torch.Tensor]:
+        if plan is None:  # the untouched model, recorded for the plans' replays (its prefill calls only)
             context = self.recorders[split]
         else:
             apply_plan(self.model, plan)
             context = replaying(self.model, self.recorders[split] if self.replay else None)
         try:
             with context:
-                out = [torch.log_softmax(self.model(**b, logits_to_keep=1).logits[:, -1].float(), -1)
-                       for b in self.batches[split]]  # fmt: skip
+                return [self._reply_logprobs(b, fed) for b, (fed, _) in zip(self.batches[split], self.replies[split],
+                                                                              strict=True)]  # fmt: skip
         finally:
             if plan is not None:
                 remove_plan(self.model)
-        return torch.cat(out)
 
     def _measure_kl(self, plan: Plan, split: str) -> list[float]:
-        p, q = self.reference[split], self._logprobs(split, plan)
-        return (p.exp() * (p - q)).sum(-1).tolist()  # KL(untouched || plan) per example, in nats
+        out = []  # KL(untouched || plan) per example, in nats: the mean over the reply's positions that count
+        for p, q, (_, counts) in zip(self.reference[split], self._logprobs(split, plan), self.replies[split],
+                                     strict=True):  # fmt: skip
+            kl = (p.exp() * (p - q)).sum(-1)  # (batch, T)
+            out += ((kl * counts).sum(1) / counts.sum(1)).tolist()
+        return out
 
     def _measure_saving(self, plan: Plan) -> float:
         return 1 - sum(batch_costs(self.model, b, plan, 1)["prefill"] for b in self._all()) / self.plain_prefill
@@ -474,19 +529,31 @@ def check_search(beam: int, shortlist: int, step: int | None) -> None:
             raise SkipitError(f"{name} must be at least 1")
 
 
+def check_kl(tokens: int, prompt: str) -> None:
+    """What the KL is measured on: at least one token of the reply, to a prompt in `PROMPTS`."""
+    if tokens < 1:
+        raise SkipitError(f"--kl-tokens must be at least 1, got {tokens}")
+    if prompt not in PROMPTS:
+        raise SkipitError(f"unknown --kl-prompt {prompt!r}; available: {', '.join(PROMPTS)}")
+
+
 # ---------------------------------------------------------------- the API
 
 
 def compose_plan(model, processor, records: Sequence, budget: float | None = None, kappa: float | None = None, *,
                  n_score: int | None = None, n_heldout: int | None = None, beam: int = BEAM,
-                 shortlist: int = SHORTLIST, step: int | None = None, batch_size: int = 16) -> Plan:  # fmt: skip
+                 shortlist: int = SHORTLIST, step: int | None = None, batch_size: int = 16, tokens: int = 1,
+                 prompt: str = "question") -> Plan:  # fmt: skip
     """The composed functional plan of `model` (module docstring) from calibration `records` (no answers needed):
     the first `n_score` rank the decisions, the next `n_heldout` measure the composed plans (default: 16 and 16, or
     half and half of fewer than 32 records). `budget`: the least KL with at least that share of the prefill FLOPs
-    removed; `kappa`: the most FLOPs removed with a held-out KL of at most kappa nats (the default, kappa = 0.02)."""
+    removed; `kappa`: the most FLOPs removed with a held-out KL of at most kappa nats (the default, kappa = 0.02).
+    `tokens`, `prompt`: the KL is the mean over the first `tokens` tokens of the untouched model's greedy reply to
+    the records asked `prompt` ("question": their VQA question; "caption": for a caption); see `ModelMeasurer`."""
     check_objective(budget, kappa)
     composer = Composer(model, processor, records, n_score=n_score, n_heldout=n_heldout, beam=beam,
-                        shortlist=shortlist, step=step, batch_size=batch_size)  # fmt: skip
+                        shortlist=shortlist, step=step, batch_size=batch_size, tokens=tokens,
+                        prompt=prompt)  # fmt: skip
     return composer.plan(budget=budget, kappa=kappa)
 
 
@@ -497,14 +564,18 @@ class Composer:
     def __init__(self, model, processor, records: Sequence, *, n_score: int | None = None,
                  n_heldout: int | None = None, beam: int = BEAM, shortlist: int = SHORTLIST, step: int | None = None,
                  batch_size: int = 16, seeds: int = SEEDS, keep_shares: Sequence[float] = KEEP_SHARES,
-                 on_measure: Callable[[], None] | None = None):  # fmt: skip
-        """`on_measure()` is called after each plan the search runs (a progress display)."""
+                 tokens: int = 1, prompt: str = "question", on_measure: Callable[[], None] | None = None):  # fmt: skip
+        """`tokens`, `prompt`: what the KL is measured on (`ModelMeasurer`, `calibration_inputs`). `on_measure()` is
+        called after each plan the search runs (a progress display)."""
         check_search(beam, shortlist, step)
+        check_kl(tokens, prompt)
         if seeds < 0 or not keep_shares or not all(0 < f < 1 for f in keep_shares):
             raise SkipitError("seeds must be at least 0 and every keep share in (0, 1)")
         self.score, self.heldout = split_records(records, n_score, n_heldout)
         start = time.perf_counter()
-        self.measurer = ModelMeasurer(model, processor, self.score, self.heldout, batch_size)
+        self.measurer = ModelMeasurer(model, processor, self.score, self.heldout, batch_size, tokens=tokens,
+                                      prompt=prompt)  # fmt: skip
+        self.tokens, self.prompt = tokens, prompt
         self.measurer.on_measure = on_measure
         self.empty = Plan.for_model(model)
         self.search = {"beam": beam, "shortlist": shortlist, "step": band_step(self.empty.num_layers, step),
@@ -517,7 +588,7 @@ class Composer:
         state, record = compose(self.measurer, self.empty, budget, kappa, **self.search)
         plan = self.empty.with_decisions(**plan_fields(state.plan))
         plan.evidence = evidence(state, record, self.measurer, budget, kappa, dict(self.search), self.score,
-                                 self.heldout)  # fmt: skip
+                                 self.heldout, self.tokens, self.prompt)  # fmt: skip
         self.seconds += time.perf_counter() - start
         plan.evidence["search"]["seconds"] = round(self.seconds, 2)  # so far, measurements shared with earlier plans
         plan.evidence["predicted"] = {k: round(v, 4) for k, v in self.measurer.predicted(plan).items()}
@@ -545,18 +616,22 @@ def _r(x: float) -> float:
 
 
 def evidence(state: State, record: dict, measurer: Measurer, budget, kappa, search: dict,
-             score: Sequence, heldout: Sequence) -> dict:  # fmt: skip
+             score: Sequence, heldout: Sequence, tokens: int = 1, prompt: str = "question") -> dict:  # fmt: skip
     """What the plan's evidence holds: the composed plan's held-out KL (bootstrap interval over examples) and FLOPs
     removed, each decision in order with its measurements, every decision alone, and the search's cost."""
     ci = mean_interval(state.heldout)
     alone = {a.decision.name: {"kl": _r(a.kl), "flops_removed": _r(a.saving)} for a in record["alone"]}
     objective = {"budget": budget} if budget is not None else {"kappa": kappa}
     name, value = next(iter(objective.items()))
+    objective |= {"tokens": tokens, "prompt": prompt}
+    where = ("the next token at the answer position" if tokens == 1 else
+             f"the next token, mean over the first {tokens} tokens of the untouched model's greedy reply")
     return {
         "method": f"skipit composed (measured KL), {name} {value}",
         "objective": objective,
         "kl": {"value": _r(ci.value), "low": _r(ci.low), "high": _r(ci.high), "level": ci.level,
-               "examples": "heldout", "unit": "nats, KL(untouched || plan) of the next token at the answer position"},
+               "examples": "heldout", "unit": f"nats, KL(untouched || plan) of {where}, calibration records asked "
+                                              f"{'for a caption' if prompt == 'caption' else 'their question'}"},
         "kl_score": _r(state.kl),
         "flops_removed": _r(state.saving),
         "decisions": state.steps,

@@ -199,13 +199,16 @@ def sweep_model(
     restart: bool = False,
     time_grid: bool = True,
     captions: int | None = None,
+    kl_tokens: int = 1,
+    kl_prompt: str = "question",
     progress: bool = False,
 ) -> dict:
     """The plan grid (and with an analysis skipit's plans and the baselines at matched FLOPs) measured on `data`,
     resuming from OUT/plans/; returns what OUT/sweep.json holds (`skipit.evaluation.sweep.run`). `time_grid`
     False: the grid's plans are scored but not timed (their ideal speed-ups only). `captions` N: also CIDEr-D of
     the first N distinct images' captions under every plan compared at a budget (`sweep.caption_pareto`), in
-    sweep.json's "captions"."""
+    sweep.json's "captions". `kl_tokens`, `kl_prompt`: what skipit's composed plans measure their KL on
+    (`skipit.composer.ModelMeasurer`)."""
     from skipit.analysis import Analysis
     from skipit.data.jsonl import load_records
     from skipit.evaluation import sweep
@@ -213,6 +216,9 @@ def sweep_model(
 
     at_least(1, n=n, step=step, n_calib=n_calib, batch_size=batch_size, repeats=repeats, captions=captions)
     chosen, levels = parse_methods(methods), parse_budgets(budgets)
+    from skipit.composer import check_kl
+
+    check_kl(kl_tokens, kl_prompt)
     if captions is not None and analysis is None:
         raise SkipitError("--captions captions under the plans compared at matched FLOPs, which need --analysis")
     result = Analysis.load(analysis).result if analysis is not None else None
@@ -235,7 +241,8 @@ def sweep_model(
         calib_records = calib_records or records[:n_calib]
         with _tracker(progress, "plan") as track:  # the composed planner's search is most of this step
             advance = track("planning skipit's and the baselines' plans (plans measured)", None) if track else None
-            composer = Composer(vlm, processor, calib_records, on_measure=(lambda: advance(1)) if advance else None)
+            composer = Composer(vlm, processor, calib_records, tokens=kl_tokens, prompt=kl_prompt,
+                                on_measure=(lambda: advance(1)) if advance else None)  # fmt: skip
             plans |= sweep.compared_plans(vlm, processor, calib_records, result, encoded, levels, chosen,
                                           composer=composer)  # fmt: skip
     with _tracker(progress, "plan") as track:
