@@ -278,3 +278,17 @@ def test_captions_under_the_compared_plans_get_their_own_chart_and_table(make_ru
     assert charts(page) == before + 1 and "CIDEr-D kept (%)" in base
     assert "Greedy captions of 40 images" in base and "7.597" in base and "[6.867, 8.288]" in base
     assert "-0.770" in base and "[-1.424, -0.146]" in base and "divprune" in base
+
+
+def test_the_largest_cut_keeping_99_percent_is_a_table(make_run):
+    run = make_run()
+    data = json.loads((run / "sweep.json").read_text())
+    data["largest_cut_kept"] = [
+        {"method": "skipit", "level": 0.99, "budget": 0.15, "flops_removed": 0.152, "accuracy_kept": 0.995,
+         "accuracy_kept_ci": {"value": 0.995, "low": 0.978, "high": 1.011, "level": 0.95}},
+        {"method": "vtw", "level": 0.99, "budget": None, "flops_removed": None, "accuracy_kept": None,
+         "accuracy_kept_ci": None}]  # fmt: skip
+    (run / "sweep.json").write_text(json.dumps(data))
+    base = section(rep.write_report(run).read_text(), "baselines")
+    assert "The largest cut that keeps 99.0% of the accuracy" in base
+    assert "15.2%" in base and "[0.978, 1.011]" in base and "<td>vtw</td>" in base

@@ -338,3 +338,17 @@ def test_sweep_with_captions_adds_them_to_sweep_json(tiny_llava_dir, tmp_path):
     compared = [(b["method"], b["budget"]) for b in summary["baselines"] if b["budget"] is not None]
     assert [(r["method"], r["budget"]) for r in captions["rows"]] == compared and len(compared) == 3
     assert {p.stem for p in (out / "captions").glob("*.json")} == {"empty"} | {f"{m}@{b:g}" for m, b in compared}
+
+
+def test_the_largest_cut_keeping_99_percent_is_each_methods_largest_budget_plan_that_does():
+    def row(method, budget, flops, kept):
+        return {"method": method, "budget": budget, "flops_removed": flops, "accuracy_kept": kept,
+                "accuracy_kept_ci": {"value": kept, "low": kept - 0.02, "high": kept + 0.02, "level": 0.95}}
+
+    rows = [row("skipit", None, 0.4, 1.0),  # not made for a budget: not a candidate
+            row("skipit", 0.1, 0.104, 0.995), row("skipit", 0.2, 0.203, 0.99), row("skipit", 0.3, 0.301, 0.95),
+            row("vtw", 0.1, 0.113, 0.985), row("vtw", 0.2, 0.206, 0.6)]  # fmt: skip
+    cuts = {c["method"]: c for c in sweep.largest_cut_kept(rows)}
+    assert (cuts["skipit"]["budget"], cuts["skipit"]["flops_removed"]) == (0.2, 0.203)
+    assert cuts["skipit"]["accuracy_kept_ci"]["low"] == pytest.approx(0.97)
+    assert cuts["vtw"]["flops_removed"] is None and cuts["vtw"]["level"] == 0.99

@@ -567,6 +567,10 @@ def _print_sweep(summary: dict) -> None:
         console.print(corr)
         lost = summary["safe_but_lost"]
         console.print(f"called safe but lost > {summary['lost_points']:g} points: {', '.join(lost) or 'none'}")
+    if cuts := [c for c in summary.get("largest_cut_kept", []) if c["flops_removed"] is not None]:
+        ranked = sorted(cuts, key=lambda c: -c["flops_removed"])
+        console.print(f"largest cut keeping {cuts[0]['level']:.0%} of the accuracy (of the budgets tried): "
+                      + ", ".join(f"{c['method']} {c['flops_removed']:.1%}" for c in ranked))
     if "captions" in summary:
         c = summary["captions"]
         table = Table(title=f"captioning under the compared plans: CIDEr-D on {c['n_images']} images (untouched "

@@ -624,6 +624,15 @@ def _baselines_section(run: Run, charts: _Charts | None = None) -> str:
         parts.append("<h3>skipit against each method at the same budget</h3>" + _table(
             ["budget", "method", "skipit's gain (points)", "questions skipit gets right / wrong that it does not",
              "McNemar p"], rows, "num"))
+    cuts = [c for c in run.sweep.get("largest_cut_kept") or [] if isinstance(c, dict)]
+    if cuts:
+        level = _num(cuts[0].get("level"))
+        rows = [[_e(c.get("method", "?")), _f(c.get("budget"), ".3g"), _pct(c.get("flops_removed")),
+                 _with_ci(c.get("accuracy_kept"), c.get("accuracy_kept_ci"))] for c in cuts]  # fmt: skip
+        parts.append(f"<h3>The largest cut that keeps {_pct(level)} of the accuracy</h3>" + _table(
+            ["method", "budget", "FLOPs saved", "accuracy kept"], rows, "num") + "<p class='dim'>Of each method's "
+            "plans made for a budget, the one that removes the most FLOPs with its accuracy kept at least this (point "
+            "estimate); only the sweep's budgets are tried.</p>")  # fmt: skip
     captions = run.sweep.get("captions")
     if isinstance(captions, dict) and captions.get("rows"):
         parts.append(_captions_part(captions, charts))

@@ -36,6 +36,7 @@ from skipit.skipping import apply_plan, remove_plan
 FORMAT, VERSION = "skipit-sweep", 1
 SPEED_BATCH, SPEED_NEW_TOKENS = 8, 8  # the speed batch: the first records' prompts; tokens generated per run
 CAPTION_TOKENS = 64  # `caption_pareto`: the longest caption generated
+KEPT_LEVEL = 0.99  # `largest_cut_kept`: the share of the reference's accuracy a cut must keep
 GRID = ("late_entry", "early_exit", "vision_frozen", "layer_skip")  # the families the correlations are over
 UNTIMED = ("prefill_speedup", "decode_speedup", "prefill_speedup_low", "prefill_speedup_high", "decode_speedup_low",
            "decode_speedup_high")  # None in the row of a plan scored but not timed
@@ -292,6 +293,7 @@ def summarize(done: dict[str, dict], analysis: dict | None, run_dir: Path, lost_
         for r in rows if r["family"] in ("skipit", "baseline")
     ]  # fmt: skip
     result["skipit_vs_baselines"] = versus_baselines(done, correct)
+    result["largest_cut_kept"] = largest_cut_kept(result["baselines"])
     if analysis is not None:
         result |= judge(rows, analysis, lost_points)
     write_json(run_dir / "sweep.json", result)
@@ -311,6 +313,21 @@ def _points(interval) -> dict:
     """An accuracy difference as a drop in points (100 x reference - run), interval bounds swapped accordingly."""
     points = [0.0 - 100 * x for x in (interval.value, interval.high, interval.low)]  # 0.0 - x: never -0.0
     return {"value": points[0], "low": points[1], "high": points[2], "level": interval.level}
+
+
+def largest_cut_kept(rows: list[dict], level: float = KEPT_LEVEL) -> list[dict]:
+    """Per method, of its plans made for a budget (the `baselines` rows), the one that removes the most FLOPs while
+    keeping at least `level` of the reference's accuracy (point estimate), with its interval; None where none does.
+    Only the budgets the sweep was given are tried: a finer grid can find a larger cut."""
+    out = []
+    for method in dict.fromkeys(r["method"] for r in rows if r["budget"] is not None):
+        kept = [r for r in rows if r["method"] == method and r["budget"] is not None
+                and r["accuracy_kept"] is not None and r["accuracy_kept"] >= level]  # fmt: skip
+        best = max(kept, key=lambda r: r["flops_removed"], default=None)
+        out.append({"method": method, "level": level, "budget": best and best["budget"],
+                    "flops_removed": best and best["flops_removed"], "accuracy_kept": best and best["accuracy_kept"],
+                    "accuracy_kept_ci": best and best["accuracy_kept_ci"]})  # fmt: skip
+    return out
 
 
 def versus_baselines(done: dict[str, dict], correct: dict[str, list[float]]) -> list[dict]:
