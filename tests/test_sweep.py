@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from skipit import baselines, models
+from skipit import baselines, composer, models
 from skipit.analysis import analyze
 from skipit.data.jsonl import load_records
 from skipit.data.shapes import write_split
@@ -322,7 +322,9 @@ def test_captions_under_each_compared_plan_with_paired_intervals_and_resume(setu
 
 
 
-def test_sweep_with_captions_adds_them_to_sweep_json(tiny_llava_dir, tmp_path):
+def test_sweep_with_captions_adds_them_to_sweep_json(tiny_llava_dir, tmp_path, monkeypatch):
+    from skipit.composer import compose
+    from skipit.evaluation import caption
     from skipit.evaluation.run import sweep_model
 
     test = write_split(tmp_path / "shapes", "test", n=4).parent
@@ -338,6 +340,36 @@ def test_sweep_with_captions_adds_them_to_sweep_json(tiny_llava_dir, tmp_path):
     compared = [(b["method"], b["budget"]) for b in summary["baselines"] if b["budget"] is not None]
     assert [(r["method"], r["budget"]) for r in captions["rows"]] == compared and len(compared) == 3
     assert {p.stem for p in (out / "captions").glob("*.json")} == {"empty"} | {f"{m}@{b:g}" for m, b in compared}
+
+    # a rerun searches for no composed plan and captions nothing again: both were saved under the same settings
+    def fail(*args, **kwargs):
+        raise AssertionError("searched or captioned again")
+
+    monkeypatch.setattr(composer, "compose", fail)
+    monkeypatch.setattr(caption, "evaluate", fail)
+    again = sweep_model(tiny_llava_dir, test, out, analysis=tmp_path / "run", calib=calib, step=6, budgets="0.2",
+                        methods="random,shortgpt", n_calib=4, repeats=1, time_grid=False, captions=2)  # fmt: skip
+    assert again["captions"] == summary["captions"]
+    assert [r["plan"] for r in again["baselines"]] == [r["plan"] for r in summary["baselines"]]
+    monkeypatch.undo()
+    searched = []  # other calibration records: skipit's plans are searched again
+    monkeypatch.setattr(composer, "compose", lambda *a, **k: searched.append(1) or compose(*a, **k))
+    sweep_model(tiny_llava_dir, test, out, analysis=tmp_path / "run", calib=calib, step=6, budgets="0.2",
+                methods="random,shortgpt", n_calib=3, repeats=1, time_grid=False)  # fmt: skip
+    assert len(searched) == 2  # skipit+composed and skipit@0.2
+
+
+def test_a_composer_knows_its_own_plans(tiny_llava, setup):
+    model, processor, _, calib, _ = setup
+    mine = composer.Composer(model, processor, calib, shortlist=2)
+    plan = mine.plan(budget=0.2)
+    assert mine.made_here(plan, budget=0.2) and not mine.made_here(plan, budget=0.3)
+    assert not mine.made_here(plan)  # the kappa plan
+    assert not composer.Composer(model, processor, calib, shortlist=3).made_here(plan, budget=0.2)
+    assert not composer.Composer(model, processor, calib, shortlist=2, tokens=2).made_here(plan, budget=0.2)
+    assert not composer.Composer(model, processor, calib[::-1], shortlist=2).made_here(plan, budget=0.2)
+    plan.evidence["search"]["version"] -= 1  # made by another version of the search
+    assert not mine.made_here(plan, budget=0.2)
 
 
 def test_the_largest_cut_keeping_99_percent_is_each_methods_largest_budget_plan_that_does():

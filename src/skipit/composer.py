@@ -58,6 +58,7 @@ from skipit.skipping import apply_plan, remove_plan
 KAPPA = 0.02  # nats: the composed KL allowed when no budget is given (the functional planner's Pinsker argument)
 KEEP_SHARES = (0.75, 0.5, 0.25, 0.125)  # the vision-token shares a pruning decision may keep
 SEEDS = 2  # with a budget, the search also grows from this many large decisions alone (see `compose`)
+SEARCH_VERSION = 2  # changes when the search itself does (a saved plan of another version is searched again)
 NEAR_BUDGET = 0.9  # ... and from the least-KL decision that alone removes at least this share of the budget
 N_SCORE, N_HELDOUT = 16, 16  # calibration examples that rank the decisions, and those that check the composed plan
 SHORTLIST, BEAM = 6, 1
@@ -559,7 +560,8 @@ def compose_plan(model, processor, records: Sequence, budget: float | None = Non
 
 class Composer:
     """Composed plans of one model for several objectives (budgets, kappas), sharing every measurement: a plan is
-    measured once per set of examples, whichever search asks for it (the decisions alone, above all)."""
+    measured once per set of examples, whichever search asks for it (the decisions alone, above all). The model
+    runs only when a plan is searched for (`measurer`), not to check a saved one (`made_here`)."""
 
     def __init__(self, model, processor, records: Sequence, *, n_score: int | None = None,
                  n_heldout: int | None = None, beam: int = BEAM, shortlist: int = SHORTLIST, step: int | None = None,
@@ -567,32 +569,63 @@ class Composer:
                  tokens: int = 1, prompt: str = "question", on_measure: Callable[[], None] | None = None):  # fmt: skip
         """`tokens`, `prompt`: what the KL is measured on (`ModelMeasurer`, `calibration_inputs`). `on_measure()` is
         called after each plan the search runs (a progress display)."""
+        from skipit.analysis import records_digest
+
         check_search(beam, shortlist, step)
         check_kl(tokens, prompt)
         if seeds < 0 or not keep_shares or not all(0 < f < 1 for f in keep_shares):
             raise SkipitError("seeds must be at least 0 and every keep share in (0, 1)")
         self.score, self.heldout = split_records(records, n_score, n_heldout)
-        start = time.perf_counter()
-        self.measurer = ModelMeasurer(model, processor, self.score, self.heldout, batch_size, tokens=tokens,
-                                      prompt=prompt)  # fmt: skip
+        self.digest = records_digest([*self.score, *self.heldout])
         self.tokens, self.prompt = tokens, prompt
-        self.measurer.on_measure = on_measure
         self.empty = Plan.for_model(model)
         self.search = {"beam": beam, "shortlist": shortlist, "step": band_step(self.empty.num_layers, step),
-                       "seeds": seeds, "keep_shares": list(keep_shares)}  # fmt: skip
-        self.seconds = time.perf_counter() - start
+                       "seeds": seeds, "keep_shares": list(keep_shares), "version": SEARCH_VERSION}  # fmt: skip
+        self._measurer_args = (model, processor, batch_size, on_measure)
+        self._measurer: ModelMeasurer | None = None
+        self.seconds = 0.0
+
+    @property
+    def measurer(self) -> ModelMeasurer:
+        """The calibration records encoded and the untouched model's replies measured, on first use."""
+        if self._measurer is None:
+            start = time.perf_counter()
+            model, processor, batch_size, on_measure = self._measurer_args
+            self._measurer = ModelMeasurer(model, processor, self.score, self.heldout, batch_size,
+                                           tokens=self.tokens, prompt=self.prompt)  # fmt: skip
+            self._measurer.on_measure = on_measure
+            self.seconds += time.perf_counter() - start
+        return self._measurer
 
     def plan(self, budget: float | None = None, kappa: float | None = None) -> Plan:
         budget, kappa = check_objective(budget, kappa)
         start = time.perf_counter()
-        state, record = compose(self.measurer, self.empty, budget, kappa, **self.search)
+        measurer = self.measurer
+        state, record = compose(measurer, self.empty, budget, kappa, **{k: v for k, v in self.search.items()
+                                                                       if k != "version"})  # fmt: skip
         plan = self.empty.with_decisions(**plan_fields(state.plan))
-        plan.evidence = evidence(state, record, self.measurer, budget, kappa, dict(self.search), self.score,
+        plan.evidence = evidence(state, record, measurer, budget, kappa, dict(self.search), self.score,
                                  self.heldout, self.tokens, self.prompt)  # fmt: skip
+        plan.evidence["calibration"]["digest"] = self.digest
         self.seconds += time.perf_counter() - start
         plan.evidence["search"]["seconds"] = round(self.seconds, 2)  # so far, measurements shared with earlier plans
-        plan.evidence["predicted"] = {k: round(v, 4) for k, v in self.measurer.predicted(plan).items()}
+        plan.evidence["predicted"] = {k: round(v, 4) for k, v in measurer.predicted(plan).items()}
         return plan
+
+    def made_here(self, plan: Plan, budget: float | None = None, kappa: float | None = None) -> bool:
+        """Whether `plan` (a saved one) is what `self.plan(budget, kappa)` returns: this model, objective and KL,
+        the same calibration records split the same way, the same search settings and search version. The search
+        is deterministic, so a resumed sweep takes such a plan instead of searching again."""
+        budget, kappa = check_objective(budget, kappa)
+        ev = plan.evidence or {}
+        objective = ({"budget": budget} if budget is not None else {"kappa": kappa}) | {
+            "tokens": self.tokens, "prompt": self.prompt}
+        calibration, search = ev.get("calibration") or {}, ev.get("search") or {}
+        return (plan.fingerprint == self.empty.fingerprint and ev.get("objective") == objective
+                and calibration.get("score") == [r.id for r in self.score]
+                and calibration.get("heldout") == [r.id for r in self.heldout]
+                and calibration.get("digest") == self.digest
+                and all(search.get(k) == v for k, v in self.search.items()))  # fmt: skip
 
 
 def split_records(records: Sequence, n_score: int | None, n_heldout: int | None) -> tuple[list, list]:

@@ -244,7 +244,7 @@ def sweep_model(
             composer = Composer(vlm, processor, calib_records, tokens=kl_tokens, prompt=kl_prompt,
                                 on_measure=(lambda: advance(1)) if advance else None)  # fmt: skip
             plans |= sweep.compared_plans(vlm, processor, calib_records, result, encoded, levels, chosen,
-                                          composer=composer)  # fmt: skip
+                                          composer=composer, saved=sweep.saved_plans(out))  # fmt: skip
     with _tracker(progress, "plan") as track:
         advance = track("sweeping plans", len(plans)) if track else None
         summary = sweep.run(vlm, processor, records, out, plans, analysis=result, batch_size=batch_size,

@@ -58,8 +58,8 @@ def grid(model, step: int = 3) -> dict[str, tuple[str, Plan]]:
 
 
 def compared_plans(model, processor, calib, analysis: dict, encoded: dict, budgets: list[float],
-                   methods: tuple[str, ...] | None = None, composer=None, composed: bool = True
-                   ) -> dict[str, tuple[str, Plan]]:  # fmt: skip
+                   methods: tuple[str, ...] | None = None, composer=None, composed: bool = True,
+                   saved: dict[str, Plan] | None = None) -> dict[str, tuple[str, Plan]]:  # fmt: skip
     """skipit's own plans (the conditions' plan with its default thresholds, without and with frozen vision layers;
     functional freezing when the analysis has the ablation KL; the composed functional plan at its default KL
     limit), FastV's own, and skipit (composed, `skipit.composer`) and each baseline at every FLOPs budget
@@ -67,7 +67,9 @@ def compared_plans(model, processor, calib, analysis: dict, encoded: dict, budge
     A method that cannot reach a budget (say, VTW past what removing every vision token saves) is left out there.
     `methods`: registered baseline names (`skipit.baselines.available()`, the default); `composer`: a
     `skipit.composer.Composer` of the same model and records, to reuse its measurements; `composed` False: none of
-    the composed planner's plans ("skipit+composed", "skipit@budget"), for a caller that brings its own (the demo)."""
+    the composed planner's plans ("skipit+composed", "skipit@budget"), for a caller that brings its own (the demo).
+    `saved`: plans by name from an earlier run (`saved_plans`); a composed plan among them that this composer would
+    make again (`Composer.made_here`) is taken instead of searching again."""
     from skipit.composer import Composer
 
     methods = baselines.available() if methods is None else tuple(methods)
@@ -79,14 +81,19 @@ def compared_plans(model, processor, calib, analysis: dict, encoded: dict, budge
         out["skipit+functional"] = ("skipit", make_plan(analysis, functional=True))
     if composed:
         composer = composer or Composer(model, processor, calib)  # one set of measurements for every budget
-        out["skipit+composed"] = ("skipit", composer.plan())
+
+        def composed_plan(name: str, budget: float | None = None) -> Plan:
+            old = (saved or {}).get(name)
+            return old if old is not None and composer.made_here(old, budget=budget) else composer.plan(budget=budget)
+
+        out["skipit+composed"] = ("skipit", composed_plan("skipit+composed"))
     if "fastv" in methods:  # FastV's own setting, K = 2 and R = 50 %, whatever it saves
         out["fastv"] = ("baseline", Plan.for_model(model, prune_vision_after=baselines.FASTV_LAYER))
     cache: dict = {}
     for b in budgets:
         for method in ("skipit", *methods) if composed else methods:
             try:
-                plan = (composer.plan(budget=b) if method == "skipit" else
+                plan = (composed_plan(f"skipit@{b:g}", b) if method == "skipit" else
                         baselines.baseline_plan(method, model, processor, calib, encoded, b, analysis=analysis,
                                                 cache=cache))  # fmt: skip
             except SkipitError:
@@ -153,6 +160,17 @@ def run_key(model, records, batch_size: int, repeats: int) -> dict:
     return {"fingerprint": fingerprint(model), "records": records_digest(records, labels=True), "n": len(records),
             "batch_size": batch_size, "repeats": repeats, "speed_batch": SPEED_BATCH,
             "speed_new_tokens": SPEED_NEW_TOKENS}  # fmt: skip
+
+
+def saved_plans(run_dir: str | Path) -> dict[str, Plan]:
+    """The plans of the results saved in RUN_DIR/plans/, by name (after `check_saved`: measured under this key)."""
+    out = {}
+    for path in sorted((Path(run_dir) / "plans").glob("*.json")):
+        try:
+            out[path.stem] = Plan.from_dict(json.loads(path.read_text())["plan"])
+        except (OSError, ValueError, KeyError, TypeError, SkipitError):
+            continue  # measured again, like any plan whose result is not there
+    return out
 
 
 def saved_files(run_dir: str | Path) -> list[Path]:
