@@ -14,6 +14,7 @@ numbers); a sweep refuses a folder holding results under another key (`check_sav
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 from collections.abc import Callable
@@ -411,10 +412,13 @@ def correlations(rows: list[dict], n_boot: int = 1000, seed: int = 0) -> dict:
 # ---------------------------------------------------------------- captioning under the compared plans
 
 
-def caption_key(model, images, batch_size: int, max_new_tokens: int) -> dict:
-    """What a saved caption result was measured with (as `run_key` for the VQA results)."""
-    return {"fingerprint": fingerprint(model), "records": records_digest(images, labels=True), "n": len(images),
-            "batch_size": batch_size, "max_new_tokens": max_new_tokens}  # fmt: skip
+def caption_key(model, examples: list[tuple], batch_size: int, max_new_tokens: int) -> dict:
+    """What a saved caption result was measured with (as `run_key` for the VQA results): the model, the images'
+    records and every reference caption (`caption.by_image`), and the settings."""
+    references = hashlib.sha256(json.dumps([refs for _, refs in examples]).encode()).hexdigest()[:16]
+    return {"fingerprint": fingerprint(model), "records": records_digest([rec for rec, _ in examples]),
+            "references": references, "n": len(examples), "batch_size": batch_size,
+            "max_new_tokens": max_new_tokens}  # fmt: skip
 
 
 def caption_pareto(model, processor, records, run_dir: str | Path, compared: list[dict], n_images: int,
@@ -430,8 +434,10 @@ def caption_pareto(model, processor, records, run_dir: str | Path, compared: lis
     the untouched model's) and skipit's gain (its CIDEr-D minus the method's) carry paired bootstrap intervals over
     the same images. Each plan's captions land in RUN_DIR/captions/NAME.json as they are made; a rerun reuses
     those made with the same decisions under the same key (`caption_key`) and makes the others again."""
-    images = [rec for rec, _ in caption.by_image(records)[:n_images]]
-    key = caption_key(model, images, batch_size, max_new_tokens)
+    examples = caption.by_image(records)[:n_images]
+    chosen = {rec.image for rec, _ in examples}
+    images = [rec for rec in records if rec.image in chosen]  # every record of those images: all their references
+    key = caption_key(model, examples, batch_size, max_new_tokens)
     folder = Path(run_dir) / "captions"
     empty = Plan.for_model(model)
     runs = [("empty", None, 0.0, empty)] + [
@@ -470,7 +476,7 @@ def caption_pareto(model, processor, records, run_dir: str | Path, compared: lis
     for r, (name, *_) in zip(rows, runs[1:], strict=True):
         if r["method"] != "skipit" and r["budget"] in mine:  # skipit - method, CIDEr-D points, paired over images
             r["skipit_gain"] = paired(scores[name]["scores"], scores[mine[r["budget"]]]["scores"]).difference.to_dict()
-    return {"n_images": len(images), "max_new_tokens": max_new_tokens, "key": key,
+    return {"n_images": len(examples), "max_new_tokens": max_new_tokens, "key": key,
             "reference": {"cider": reference["cider"], "cider_ci": mean_interval(reference["scores"]).to_dict(),
                           "examples": reference["captions"][:3]},
             "rows": rows}  # fmt: skip
