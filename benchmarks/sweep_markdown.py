@@ -1,6 +1,10 @@
 """Markdown tables of a sweep (for docs/planning.md): every plan, the correlations, and the baselines.
 
     python benchmarks/sweep_markdown.py runs/mini-llava/sweep.json [--analysis RUN_DIR]
+    python benchmarks/sweep_markdown.py runs/pareto/sweep.json --pareto
+
+--pareto prints only the comparison at matched FLOPs: every method at every budget with skipit's paired gain, the
+largest cut each keeps 99 % at, and the captions (`skipit sweep --captions`) when the sweep has them.
 
 --analysis predicts each plan's damage from another analysis of the same model (say one made with
 `skipit analyze --ablation`) and recomputes the correlations and the safe-but-lost list from it; the measured
@@ -18,8 +22,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("sweep")
     ap.add_argument("--analysis", help="run folder of another analysis of the same model")
+    ap.add_argument("--pareto", action="store_true", help="only the comparison at matched FLOPs")
     args = ap.parse_args()
     sweep = json.loads(Path(args.sweep).read_text())
+    if args.pareto:
+        return pareto(sweep)
     if args.analysis:
         from skipit.evaluation.sweep import judge
         from skipit.result import AnalysisResult
@@ -73,6 +80,47 @@ def main() -> None:
             gain = v["skipit_gain_points"]
             print(f"| {v['budget']:g} | {v['baseline']} | {with_ci(gain['value'], gain, '+.1f')} | "
                   f"{v['skipit_better']} / {v['skipit_worse']} | {v['mcnemar_p']:.2g} |")
+
+
+def pareto(sweep: dict) -> None:
+    ref = sweep["reference"]
+    print(f"Reference (no plan): accuracy {with_ci(ref['accuracy'], ref.get('accuracy_ci'))} on "
+          f"{sweep['data']['n']} questions.\n")
+    gains = {(v["budget"], v["baseline"]): v for v in sweep.get("skipit_vs_baselines") or []}
+    print("| budget | method | FLOPs removed | accuracy kept [95 % CI] | skipit's gain, points [95 % CI] | McNemar p |")
+    print("|---:|---|---:|---:|---:|---:|")
+    rows = sorted(sweep["baselines"], key=lambda b: (b["budget"] is None, b["budget"] or 0, b["method"] != "skipit",
+                                                     b["method"]))  # fmt: skip
+    for b in rows:
+        v = gains.get((b["budget"], b["method"]))
+        gain = "–" if v is None else with_ci(v["skipit_gain_points"]["value"], v["skipit_gain_points"], "+.1f")
+        p = "–" if v is None else f"{v['mcnemar_p']:.2g}"
+        budget = "own" if b["budget"] is None else f"{b['budget']:g}"
+        print(f"| {budget} | {b['method']} | {b['flops_removed']:.1%} | "
+              f"{with_ci(b['accuracy_kept'], b.get('accuracy_kept_ci'), '.1%')} | {gain} | {p} |")
+    cuts = sweep.get("largest_cut_kept") or []
+    if cuts:
+        print(f"\nThe largest cut keeping {cuts[0]['level']:.0%} of the accuracy, of the budgets tried:\n")
+        print("| method | budget | FLOPs removed | accuracy kept [95 % CI] |")
+        print("|---|---:|---:|---:|")
+        for c in sorted(cuts, key=lambda c: -(c["flops_removed"] or 0)):
+            if c["flops_removed"] is None:
+                print(f"| {c['method']} | none | – | – |")
+            else:
+                print(f"| {c['method']} | {c['budget']:g} | {c['flops_removed']:.1%} | "
+                      f"{with_ci(c['accuracy_kept'], c['accuracy_kept_ci'], '.1%')} |")
+    captions = sweep.get("captions")
+    if captions:
+        ref = captions["reference"]
+        print(f"\nCaptions: {captions['n_images']} images, the untouched model's CIDEr-D "
+              f"{with_ci(ref['cider'], ref['cider_ci'])}.\n")
+        print("| budget | method | FLOPs removed | CIDEr-D | CIDEr-D kept [95 % CI] | skipit's gain [95 % CI] |")
+        print("|---:|---|---:|---:|---:|---:|")
+        for r in sorted(captions["rows"], key=lambda r: (r["budget"], r["method"] != "skipit", r["method"])):
+            gain = with_ci(r["skipit_gain"]["value"], r["skipit_gain"], "+.3f") if r.get("skipit_gain") else "–"
+            kept = "–" if r["cider_kept"] is None else with_ci(r["cider_kept"], r["cider_kept_ci"], ".1%")
+            print(f"| {r['budget']:g} | {r['method']} | {r['flops_removed']:.1%} | {r['cider']:.3f} | {kept} | "
+                  f"{gain} |")
 
 
 def with_ci(value, ci, spec: str = ".3f") -> str:
