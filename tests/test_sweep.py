@@ -309,6 +309,9 @@ def test_captions_under_each_compared_plan_with_paired_intervals_and_resume(setu
     cider, _ = caption.cider_d([p["prediction"] for p in alone["predictions"][:n]], [refs for _, refs in by_image])
     assert other["cider"] == pytest.approx(cider)
     assert other["cider_kept"] == pytest.approx(other["cider"] / result["reference"]["cider"])
+    # FLOPs on the captioning prompts: skipping one of six equal layers removes a sixth of them, whatever the prompt
+    assert other["flops_removed"] == pytest.approx(1 / 6, rel=0.02) and other["flops_removed_benchmark"] == 1 / 6
+    assert mine["flops_removed"] == 0
     assert other["skipit_gain"]["value"] == pytest.approx(mine["cider"] - other["cider"])
     assert other["skipit_gain"]["low"] <= other["skipit_gain"]["value"] <= other["skipit_gain"]["high"]
     assert sorted(p.name for p in (tmp_path / "captions").glob("*.json")) == [

@@ -21,11 +21,11 @@ from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
 
-from skipit import baselines
+from skipit import baselines, prompts
 from skipit.analysis import records_digest
 from skipit.errors import SkipitError
 from skipit.evaluation import caption, speed, vqa
-from skipit.flops import batch_costs
+from skipit.flops import batch_costs, prefill_saving
 from skipit.intervals import mean_interval, paired
 from skipit.io import write_json
 from skipit.measures import spearman
@@ -432,12 +432,17 @@ def caption_pareto(model, processor, records, run_dir: str | Path, compared: lis
     can keep the one and lose the other. CIDEr-D's document frequencies come from the references of these images,
     the same for every plan, and corpus CIDEr-D is the mean of the per-image scores, so "kept" (a plan's CIDEr-D over
     the untouched model's) and skipit's gain (its CIDEr-D minus the method's) carry paired bootstrap intervals over
-    the same images. Each plan's captions land in RUN_DIR/captions/NAME.json as they are made; a rerun reuses
-    those made with the same decisions under the same key (`caption_key`) and makes the others again."""
+    the same images. A row's `flops_removed` is the plan's share of the prefill FLOPs of these captioning prompts
+    (`flops_removed_benchmark`: of the benchmark's, at which the plan was made for its budget): with fewer text
+    tokens than a question, the same plan removes another share of them. Each plan's captions land in
+    RUN_DIR/captions/NAME.json as they are made; a rerun reuses those made with the same decisions under the same
+    key (`caption_key`) and makes the others again."""
     examples = caption.by_image(records)[:n_images]
     chosen = {rec.image for rec, _ in examples}
     images = [rec for rec in records if rec.image in chosen]  # every record of those images: all their references
     key = caption_key(model, examples, batch_size, max_new_tokens)
+    prompt_inputs = prompts.model_inputs(processor, [prompts.caption_text(processor)] * len(examples),
+                                         [rec.load_image() for rec, _ in examples])  # fmt: skip
     folder = Path(run_dir) / "captions"
     empty = Plan.for_model(model)
     runs = [("empty", None, 0.0, empty)] + [
@@ -466,9 +471,10 @@ def caption_pareto(model, processor, records, run_dir: str | Path, compared: lis
             on_plan(name)
     reference = scores["empty"]
     rows = []
-    for name, row, flops, _ in runs[1:]:
+    for name, row, flops, plan in runs[1:]:
         versus = paired(reference["scores"], scores[name]["scores"])
-        rows.append({"method": row["method"], "budget": row["budget"], "flops_removed": flops,
+        rows.append({"method": row["method"], "budget": row["budget"],
+                     "flops_removed": prefill_saving(model, prompt_inputs, plan), "flops_removed_benchmark": flops,
                      "cider": scores[name]["cider"], "cider_ci": versus.run.to_dict(),
                      "cider_kept": versus.kept.value if reference["cider"] else None,
                      "cider_kept_ci": versus.kept.to_dict() if reference["cider"] else None})  # fmt: skip
