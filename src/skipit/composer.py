@@ -216,12 +216,11 @@ def encode(model, inputs: dict) -> dict:
 
 def calibration_inputs(processor, rows: Sequence, prompt: str = "question", device=None) -> dict:
     """Model inputs of calibration records asked `prompt` (`PROMPTS`): their VQA question, or for a caption."""
+    check_kl(1, prompt)
     if prompt == "question":
         return record_inputs(processor, rows, device=device)
-    if prompt == "caption":
-        return model_inputs(processor, [caption_text(processor)] * len(rows), [r.load_image() for r in rows],
-                            device=device)  # fmt: skip
-    raise SkipitError(f"unknown calibration prompt {prompt!r}; available: {', '.join(PROMPTS)}")
+    return model_inputs(processor, [caption_text(processor)] * len(rows), [r.load_image() for r in rows],
+                        device=device)  # fmt: skip
 
 
 class ModelMeasurer(Measurer):
