@@ -401,3 +401,19 @@ def test_a_plan_made_for_captions_reports_the_kl_over_their_first_tokens(tiny_ll
     heldout = [r for r in calib if r.id in ev["calibration"]["heldout"]]
     slow = _reply_kl(model, processor, heldout, plan, 3, "caption")
     assert sum(slow) / len(slow) == pytest.approx(ev["kl"]["value"], rel=1e-3, abs=1e-7)
+
+
+def test_divprune_and_pruning_after_a_layer_join_as_two_stages():
+    """DivPrune before layer 0 and pruning after a layer, in either order, make one two-stage plan; the input
+    share can then go down, never below what pruning keeps."""
+    fields = composer.plan_fields(EMPTY)
+    divprune = Decision("prune", -1, keep=0.5, ranker="divprune")
+    fastv = Decision("prune", 2, keep=0.125, ranker="attention")
+    two = EMPTY.with_decisions(input_vision_keep=0.5, prune_vision_after=2, prune_vision_keep=0.125)
+    assert composer._with(EMPTY, fastv, divprune.apply(fields)) == two
+    assert composer._with(EMPTY, divprune, fastv.apply(fields)) == two
+    lower = composer._with(EMPTY, Decision("prune", -1, keep=0.25, ranker="divprune"), composer.plan_fields(two))
+    assert lower == EMPTY.with_decisions(input_vision_keep=0.25, prune_vision_after=2, prune_vision_keep=0.125)
+    assert composer._with(EMPTY, Decision("prune", -1, keep=0.1, ranker="divprune"), composer.plan_fields(two)) is None
+    assert composer._with(EMPTY, Decision("prune", 2, keep=0.75), divprune.apply(fields)) is None  # keeps > entered
+    assert composer._with(EMPTY, Decision("prune", 2, keep=0.1), composer.plan_fields(two)).prune_vision_keep == 0.1

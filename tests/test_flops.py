@@ -72,6 +72,21 @@ def test_pruning_rankings_by_hand():
     assert skipped.prefill_layers == [2 * 4 * 4 * 4, kept, kept] and skipped.kv_tokens == [0, 5, 5]
 
 
+def test_two_stages_by_hand():
+    """An input stage lets 3 of the 4 vision tokens in (6 tokens, 21 causal pairs): DivPrune's 4 x 4 similarities
+    with layer 0; FastV after layer 0 ranks those that entered and keeps 2 (half of all 4): 5 tokens after. FastV's
+    keys and scores are computed for all 7 tokens (the ones left out are masked, not removed, there)."""
+    prompt = [False, True, True, True, True, False, False]
+    plan = _pruned(input_vision_keep=0.75, prune_vision_after=0)
+    c = cost(TINY, plan, prompt)
+    entered, kept = 2 * (6 * 120 + 21 * 8), 2 * (5 * 120 + 15 * 8)
+    assert c.prefill_layers == [entered + 2 * 4 * 4 * 4 + 2 * (7 * 8 + 16 + 7 * 4), kept, kept]
+    assert c.kv_tokens == [6, 5, 5]
+    # with layer 0 skipped, the input stage still chooses there; FastV after layer 1
+    skipped = cost(TINY, _pruned(input_vision_keep=0.75, prune_vision_after=1, skip_layers=[0]), prompt)
+    assert skipped.prefill_layers == [2 * 4 * 4 * 4, entered + 2 * (7 * 8 + 16 + 7 * 4), kept]
+
+
 def test_ideal_speedup():
     plan = ["frozen", "all", "absent"]
     ideal = ideal_speedup(TINY, plan, PROMPT, decode_steps=2)
@@ -122,7 +137,9 @@ def linear_flops(model, inputs) -> float:
      dict(prune_vision_after=1, prune_vision_keep=0.4, early_exit=4),
      dict(prune_vision_after=1, prune_vision_keep=0.4, prune_vision_rank="dart", skip_layers=[2]),
      dict(prune_vision_after=-1, prune_vision_keep=0.4, prune_vision_rank="divprune"),
-     dict(prune_vision_after=-1, prune_vision_keep=0.4, prune_vision_rank="divprune", skip_layers=[0])],
+     dict(prune_vision_after=-1, prune_vision_keep=0.4, prune_vision_rank="divprune", skip_layers=[0]),
+     dict(input_vision_keep=0.7, prune_vision_after=1, prune_vision_keep=0.3, late_entry_mode="frozen",
+          frozen_vision_layers=[0], skip_layers=[3])],
 )
 def test_engine_does_the_counted_work(decisions):
     """Under a plan the backbone multiplies exactly what the cost model counts: no token a layer skips goes

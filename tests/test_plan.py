@@ -70,6 +70,12 @@ def test_roles_follow_the_layer_indexing():
         (dict(prune_vision_after=-1, prune_vision_rank="dart"), "goes with prune_vision_rank 'divprune'"),
         (dict(prune_vision_after=2, prune_vision_rank="divprune"), "goes with prune_vision_rank 'divprune'"),
         (dict(prune_vision_after=-2, prune_vision_rank="attention"), "prune_vision_after must be a layer"),
+        (dict(input_vision_keep=0.5), "needs a pruning stage at a layer"),
+        (dict(input_vision_keep=0.5, prune_vision_after=-1, prune_vision_rank="divprune", prune_vision_keep=0.2),
+         "needs a pruning stage at a layer"),
+        (dict(input_vision_keep=1.0, prune_vision_after=1), "input_vision_keep must be a fraction"),
+        (dict(input_vision_keep=0.5, prune_vision_after=1, prune_vision_keep=0.5), r"must be below input_vision_keep"),
+        (dict(input_vision_keep=0.5, prune_vision_after=2, prune_vision_keep=0.2, late_entry=1), "needs late_entry 0"),
         (dict(prune_vision_after=-1, prune_vision_rank="divprune", late_entry=1), "needs late_entry 0"),
         (dict(prune_vision_after=-1, prune_vision_rank="divprune", frozen_vision_layers=[2]), "come after"),
         (dict(prune_vision_after=1.0), "prune_vision_after must be a layer index"),
@@ -144,13 +150,25 @@ def test_rankings_round_trip_as_version_2_and_version_1_files_still_load(tmp_pat
         Plan.load(tmp_path / "odd.json")
 
 
+def test_two_stage_plans_round_trip_as_version_3(tmp_path):
+    model = llama()
+    p = Plan.for_model(model, input_vision_keep=0.5, prune_vision_after=2, prune_vision_keep=0.2)
+    data = json.loads(p.save(tmp_path / "plan.json").read_text())
+    assert data["version"] == 3 and data["input_vision_keep"] == 0.5
+    assert Plan.load(tmp_path / "plan.json") == p
+    assert "input_vision_keep" not in Plan.for_model(model, prune_vision_after=2, prune_vision_rank="dart").to_dict()
+    (tmp_path / "odd.json").write_text(json.dumps(data | {"version": 2}))
+    with pytest.raises(SkipitError, match="input_vision_keep needs plan format version 3, the file says 2"):
+        Plan.load(tmp_path / "odd.json")
+
+
 @pytest.mark.parametrize(
     "content, message",
     [
         ("{not json", "not valid JSON"),
         ("[1, 2]", "does not hold a JSON object"),
         ('{"format": "something-else"}', "not a skipit plan"),
-        ('{"format": "skipit-plan", "version": 99}', r"version 99 is not supported \(this skipit reads 1, 2\)"),
+        ('{"format": "skipit-plan", "version": 99}', r"version 99 is not supported \(this skipit reads 1, 2, 3\)"),
         ('{"format": "skipit-plan", "version": true}', "version True is not supported"),
         ('{"format": "skipit-plan", "version": 1, "num_layers": 6}', "plan is missing"),
     ],

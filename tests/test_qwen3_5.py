@@ -195,6 +195,17 @@ def test_skipping_a_layer_equals_an_identity_layer(family, j, monkeypatch):
         assert _native(family, j, monkeypatch, broken="cache") > 1e-1
 
 
+def test_two_stage_plans_are_refused_with_the_ranking_they_need():
+    """A two-stage plan ranks by attention (or DART) after a layer, which Qwen3.5 cannot: one line, before any call
+    (so the input stage never meets a linear-attention layer)."""
+    model = build("qwen3_5")
+    for p in (2, 3):  # a linear-attention layer, a full-attention one
+        plan = Plan.for_model(model, input_vision_keep=0.5, prune_vision_after=p, prune_vision_keep=0.25)
+        with pytest.raises(SkipitError, match="pruning vision tokens by attention is not supported") as info:
+            apply_plan(model, plan)
+        assert "\n" not in str(info.value)
+
+
 def test_ragged_rows_continuing_a_linear_state_are_refused():
     """Rows with different numbers of tokens in a linear-attention layer run with padding slots first, which leave a
     fresh state at zero but would decay a cached one: a call that continues the cache with vision tokens in such a

@@ -31,6 +31,11 @@ RANKED = {
     # layer 0 is skipped: the choice is still made on X_0, and no dropped token enters layer 1
     "divprune-combined": dict(prune_vision_after=-1, prune_vision_keep=0.6, prune_vision_rank="divprune",
                               early_exit=3, skip_layers=[0, 4]),  # fmt: skip
+    # two stages: DivPrune lets 70 % in, FastV's ranking keeps 30 % (of all) after layer 1
+    "two-stage": dict(input_vision_keep=0.7, prune_vision_after=1, prune_vision_keep=0.3),
+    # ... with DART after layer 2, layer 0 skipped (the input stage still chooses on X_0) and layer 1 frozen
+    "two-stage-dart": dict(input_vision_keep=0.8, prune_vision_after=2, prune_vision_keep=0.4, prune_vision_rank="dart",
+                           frozen_vision_layers=[1], early_exit=4, skip_layers=[0]),  # fmt: skip
 }
 
 
@@ -41,12 +46,12 @@ def test_ranked_pruning_matches_reference(family, name):
     assert ts.check_against_reference(family, plan, make_inputs(family, 4), steps=6) > 1e-2
 
 
-@pytest.mark.parametrize("name", ["dart", "divprune-combined"])
+@pytest.mark.parametrize("name", ["dart", "divprune-combined", "two-stage-dart"])
 @pytest.mark.parametrize("family", ["qwen2_5_vl", *tf.NEW_FAMILIES, *tf.SLIDING_VLMS, *tf.BLOCKS])
 def test_ranked_pruning_matches_reference_on_more_families(family, name, monkeypatch):
     model = build(family)
     plan = Plan.for_model(model, **RANKED[name])
-    if name == "dart" and ts.base(family) == "aya_vision":  # DART reads keys computed beside the layer: not for Cohere2
+    if "dart" in name and ts.base(family) == "aya_vision":  # DART reads keys computed beside the layer: not for Cohere2
         with pytest.raises(SkipitError, match="not supported for Cohere2"):
             apply_plan(model, plan)
         return
@@ -79,6 +84,20 @@ def test_pruning_shortens_the_cache_of_the_right_layers(name, pruned_from):
     kept = math.ceil(9 * RANKED[name]["prune_vision_keep"])
     lengths = [layer.keys.shape[2] for layer in cache.layers]
     assert lengths == [width + 4] * pruned_from + [width - 9 + kept + 4] * (6 - pruned_from)
+
+
+def test_two_stages_shorten_every_cache():
+    """Vision tokens the input stage leaves out are in no layer's cache; those pruning drops after layer 1 leave
+    the later layers' caches."""
+    model, inputs = build("llava"), make_inputs("llava", 2)  # 9 vision tokens per row
+    width = inputs["input_ids"].shape[1]
+    with torch.no_grad():
+        apply_plan(model, Plan.for_model(model, **RANKED["two-stage"]))  # 7 of 9 enter, 3 go on after layer 1
+        try:
+            cache = compat.output_cache(ts.generate(model, inputs, steps=5))
+        finally:
+            remove_plan(model)
+    assert [layer.keys.shape[2] for layer in cache.layers] == [width - 2 + 4] * 2 + [width - 6 + 4] * 4
 
 
 # -- the rankers on tensors whose answer is known

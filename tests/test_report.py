@@ -188,6 +188,12 @@ def test_plan_bands_follow_roles():
     diverse = Plan("X", 10, "f", prune_vision_after=-1, prune_vision_keep=0.5, prune_vision_rank="divprune")
     assert rep.describe_plan(diverse.to_dict()) == "vision pruned to 50% before layer 0 (divprune)"
     assert rep.plan_bands(diverse, 10) == {"vision pruned (a share kept)": [(0, 9)]}
+    two = Plan("X", 10, "f", input_vision_keep=0.5, prune_vision_after=3, prune_vision_keep=0.1, early_exit=8)
+    assert rep.describe_plan(two.to_dict()) == (
+        "m=8, vision reduced to 50% before layer 0 (divprune), vision pruned to 10% after 3 (attention)"
+    )
+    assert rep.plan_bands(two, 10) == {"vision reduced before layer 0": [(0, 3)],
+                                       "vision pruned (a share kept)": [(4, 8)], "early exit (vision gone)": [(9, 9)]}
 
 
 def test_missing_analysis_is_a_one_line_error(make_run, tmp_path):

@@ -401,12 +401,13 @@ def layer_keys(layer, x, pe) -> torch.Tensor:
     return cache.layers[attention.layer_idx].keys[0]
 
 
-def reference_dart(states, key_norms, vision, share: float) -> torch.Tensor:
+def reference_dart(states, key_norms, vision, share: float, of: int | None = None) -> torch.Tensor:
     """DART's choice for one sequence, written after its `get_retained_image_token`: pivots by key L1 norm (4 vision
     tokens, kept; 4 text tokens after the image), then each pivot takes its quota of the least cosine-similar vision
-    tokens not taken yet; the quotas split the row's count (see `skipit.skipping.rankers.dart_keep`)."""
+    tokens not taken yet; the quotas split the row's count (see `skipit.skipping.rankers.dart_keep`): the share of
+    its vision tokens, or of `of` tokens (those before an input stage left some out)."""
     tokens = torch.nonzero(vision)[:, 0].tolist()
-    count = math.ceil(len(tokens) * share)
+    count = math.ceil((len(tokens) if of is None else of) * share)
     text = list(range(tokens[-1] + 1, len(vision)))
     image_pivots = sorted(tokens, key=lambda i: -float(key_norms[i]))[: min(4, count)]
     pivots = image_pivots + sorted(text, key=lambda i: -float(key_norms[i]))[:4]
@@ -448,22 +449,35 @@ def reference_logits(model, plan: Plan, x0, pe, vision, kept=None, inject=None, 
     blocks (n,), where given: the bidirectional block of each token (-1: none), see `reference_mask`."""
     adapter = get_adapter(model)
     x, n = x0.clone(), x0.shape[0]
-    everyone, text = torch.arange(n), torch.nonzero(~vision)[:, 0]
     p, rank = plan.prune_vision_after, plan.prune_vision_rank
+    entered = None  # with an input stage, `kept` is (the vision tokens that entered, those pruning kept)
+    if isinstance(kept, tuple):
+        entered, kept = kept
     choose = kept is None and vision.any() and "pruned" in plan.roles()
+    if plan.input_vision_keep is not None and vision.any() and entered is None:  # DivPrune on X_0
+        entered = reference_divprune(x, vision, plan.input_vision_keep)
+    n_vision, image = int(vision.sum()), vision
+    text = torch.nonzero(~vision)[:, 0]
+    if entered is not None:  # the vision tokens the input stage left out are in no layer, as if not in the prompt
+        vision = torch.zeros_like(vision)
+        vision[entered] = True
+    everyone = torch.arange(n) if entered is None else torch.cat([text, entered]).sort().values
     per_layer = pe
     for j, (layer, role) in enumerate(zip(adapter.layers, plan.roles(), strict=True)):
         pe = per_layer[j] if isinstance(per_layer, list) else per_layer
         run = functools.partial(run_layer, blocks=blocks)
         if choose and rank == "attention" and j == p:  # FastV: rank by the last token
-            scores = last_token_attention(layer, x, pe, everyone)
+            scores = torch.zeros(n).index_put((everyone,), last_token_attention(layer, x, pe, everyone))
             tokens = torch.nonzero(vision)[:, 0]
-            count = math.ceil(len(tokens) * plan.prune_vision_keep)
+            count = math.ceil(n_vision * plan.prune_vision_keep)
             kept = tokens[scores[tokens].argsort(descending=True, stable=True)[:count]]  # ties: earliest
         if choose and rank == "dart" and j == p:  # DART's pivots: L1 norm of this layer's keys, all heads
             key_norms = layer_keys(layer, x, pe).abs().sum((0, 2))
         if choose and rank == "dart" and j == p + 1:  # X_{p+1}, what this layer reads, through the final norm
-            kept = reference_dart(adapter.final_norm(x), key_norms, vision, plan.prune_vision_keep)
+            valid = torch.zeros(n, dtype=torch.bool)
+            valid[everyone] = True
+            norms = key_norms.masked_fill(~valid, -math.inf)  # tokens left out are not pivots
+            kept = reference_dart(adapter.final_norm(x), norms, vision, plan.prune_vision_keep, of=n_vision)
         if choose and rank == "divprune" and j == 0:
             kept = reference_divprune(x, vision, plan.prune_vision_keep)
         if role == "all":
@@ -471,18 +485,18 @@ def reference_logits(model, plan: Plan, x0, pe, vision, kept=None, inject=None, 
         elif role == "absent":  # vision tokens are not in this layer's sequence at all
             x[text] = run(layer, x, pe, text)
         elif role == "frozen":  # vision tokens are keys/values here, but keep their state
-            x[text] = run(layer, x, pe, everyone)[text]
+            x[text] = run(layer, x, pe, everyone)[~vision[everyone]]
         elif role == "pruned":  # only the kept vision tokens are in this layer's sequence
             rows = torch.cat([text, kept]).sort().values if kept is not None else text
             x[rows] = run(layer, x, pe, rows)
         if inject is not None and j < len(inject):
-            x[vision] = x[vision] + inject[j]
+            x[image] = x[image] + inject[j]
     logits = adapter.lm_head(adapter.final_norm(x))
     if cap := getattr(adapter.backbone.config, "final_logit_softcapping", None):  # Gemma 2
         logits = torch.tanh(logits / cap) * cap
     if isinstance(scale := getattr(model, "logit_scale", None), float):  # Cohere2's causal LM
         logits = logits * scale
-    return logits, kept
+    return logits, (kept if entered is None else (entered, kept))
 
 
 def reference_blocks(family: str, full: dict, b: int, width: int) -> torch.Tensor | None:

@@ -8,7 +8,8 @@ unit a plan can hold:
 - `freeze j`: vision tokens are not updated by layer j (`frozen_vision_layers`);
 - `exit m`: vision tokens leave after layer m (`early_exit`); its measured KL is the functional early-exit condition;
 - `prune p f`: after layer p only the share f of the vision tokens that the ranker keeps goes on
-  (`prune_vision_after`, `prune_vision_keep` and whatever ranker the plan offers);
+  (`prune_vision_after`, `prune_vision_keep` and whatever ranker the plan offers); DivPrune's before layer 0 and
+  one after a layer make a two-stage plan (`input_vision_keep`) when both join;
 - `skip j`: layer j is not run at all (`skip_layers`);
 - `enter k absent|frozen`: vision tokens enter at layer k (`late_entry`, `late_entry_mode`).
 
@@ -50,7 +51,7 @@ from transformers import DynamicCache
 from skipit.errors import SkipitError
 from skipit.flops import batch_costs, largest_keep_share
 from skipit.intervals import mean_interval
-from skipit.plan import Plan
+from skipit.plan import BEFORE_LAYERS, Plan
 from skipit.prompts import caption_text, model_inputs, record_inputs
 from skipit.replay import Recorder, replaying
 from skipit.skipping import apply_plan, remove_plan
@@ -118,14 +119,38 @@ class Decision:
             f["late_entry"], f["late_entry_mode"] = j, self.mode
             f["frozen_vision_layers"] = tuple(i for i in f["frozen_vision_layers"] if i >= j)
         elif self.kind == "prune":
+            if (two := self._second_stage(f)) is not None:
+                return two
             if prune is not None and not (prune == j and self.keep < f["prune_vision_keep"]
-                                          and self.ranker == f.get("prune_vision_rank")):  # fmt: skip
+                                          and (self.ranker or "attention") == f.get("prune_vision_rank",
+                                                                                    "attention")):  # fmt: skip
                 return None
             f["prune_vision_after"], f["prune_vision_keep"] = j, self.keep
             if self.ranker is not None:
                 f["prune_vision_rank"] = self.ranker
         else:
             raise ValueError(f"unknown decision kind {self.kind!r}")
+        return f
+
+
+    def _second_stage(self, fields: dict) -> dict | None:
+        """Two stages: DivPrune before layer 0 (`input_vision_keep`) with pruning after a layer, whichever joins
+        first (`Plan` checks that pruning keeps fewer than entered); a lower input share for a plan with both. None
+        where this pruning decision is not one of those."""
+        f, before = dict(fields), self.layer == BEFORE_LAYERS
+        p, g = f["prune_vision_after"], f.get("input_vision_keep")
+        if p is None or (g is None and (p == BEFORE_LAYERS) == before) or (before and self.ranker != "divprune"):
+            return None
+        if before:  # the input stage joins a plan that prunes after a layer, or lowers its share
+            if g is not None and self.keep >= g:
+                return None
+            f["input_vision_keep"] = self.keep
+        elif g is None:  # pruning after a layer joins a plan that prunes before layer 0 (DivPrune)
+            f["input_vision_keep"] = f["prune_vision_keep"]
+            f["prune_vision_after"], f["prune_vision_keep"] = self.layer, self.keep
+            f["prune_vision_rank"] = self.ranker or "attention"
+        else:
+            return None  # both stages are there: a lower share after the same layer is the plain rule
         return f
 
 

@@ -11,8 +11,9 @@ Norms, rotary, softmax and activations (a few per element, not per weight) are l
 encoder, which a skip plan does not touch. Per layer role (see `skipit.plan`): `all` processes every token;
 `absent` only text tokens, which see only text keys; `frozen` text tokens fully, and vision tokens through the
 k and v projections only (they are keys/values, not updated); `pruned` the text tokens and the vision tokens that
-pruning keeps (`prune_vision_keep` of them, rounded up); `skip` nothing. Choosing the kept tokens is counted with
-the pruning layer (layer 0 for DivPrune, which chooses before it), as the engine computes it: FastV's attention
+pruning keeps (`prune_vision_keep` of them, rounded up); `skip` nothing; with an input stage (`input_vision_keep`)
+the vision tokens it leaves out are in no layer. Choosing the kept tokens is counted with the pruning layer (layer 0
+for DivPrune and the input stage, which choose before it), as the engine computes it: FastV's attention
 ranking (keys of every token, the last token's query, its scores on the keys), DART's (keys of every token for the
 pivots' norms, cosine similarity of each pivot with each vision token) and DivPrune's (cosine similarity of every
 pair of vision tokens; its greedy max-min choice is comparisons, not multiply-adds). Similarities count with the
@@ -120,9 +121,18 @@ def cost(
     if PRUNED in roles and not isinstance(plan, Plan):
         raise ValueError("pruned layers need the Plan (its prune_vision_keep), not only its roles")
     vision = [bool(v) for v in vision]
-    n, n_vision = len(vision), sum(vision)
-    n_text = n - n_vision
-    n_pruned = n_text + (plan.vision_kept(n_vision) if PRUNED in roles else n_vision)
+    n_vision, n_prompt = sum(vision), len(vision)
+    ranking: dict[int, tuple[int, int]] = {}  # layer -> multiply-adds of choosing tokens there, and their pairs
+    if isinstance(plan, Plan) and plan.input_vision_keep is not None and n_vision:
+        # the input stage: DivPrune on X_0, counted with layer 0; the tokens it leaves out are in no layer (which
+        # of them does not change a count, so the last ones go)
+        ranking[0] = _ranking_macs(shape, "divprune", vision, 0)
+        left_out = set([i for i, v in enumerate(vision) if v][plan.vision_entering(n_vision) :])
+        vision = [v for i, v in enumerate(vision) if i not in left_out]
+    n = len(vision)
+    n_text = n - sum(vision)
+    n_entered = sum(vision)
+    n_pruned = n_text + (plan.vision_kept(n_vision) if PRUNED in roles else n_entered)
     # causal pairs: every query sees every key at or before it, among the tokens the layer keeps
     pairs = {
         ALL: n * (n + 1) // 2,
@@ -133,11 +143,14 @@ def cost(
     keys = {ALL: n, ABSENT: n_text, PRUNED: n_pruned, FROZEN: n, SKIP: 0}
     queries = {ALL: n, ABSENT: n_text, PRUNED: n_pruned, FROZEN: n_text}
     kv_macs = shape.hidden * shape.kv_width * 2
-    ranking, ranking_pairs = _ranking_macs(shape, plan, vision) if PRUNED in roles and n_vision else (0, 0)
-    ranked_at = max(plan.prune_vision_after, 0) if ranking else None
+    if PRUNED in roles and n_vision:
+        at = max(plan.prune_vision_after, 0)
+        # FastV's and DART's keys are computed for the whole prompt, the tokens left out included
+        macs, pair_part = _ranking_macs(shape, plan.prune_vision_rank, vision, plan.vision_kept(n_vision), n_prompt)
+        ranking[at] = tuple(a + b for a, b in zip(ranking.get(at, (0, 0)), (macs, pair_part), strict=True))
     layers, scores = [], 0.0
     for j, role in enumerate(roles):
-        if role == SKIP and j != ranked_at:
+        if role == SKIP and j not in ranking:
             layers.append(0.0)
             continue
         macs = 0.0
@@ -145,10 +158,10 @@ def cost(
             scores += 2.0 * pairs[role] * shape.pair_macs
             macs = queries[role] * shape.token_macs + pairs[role] * shape.pair_macs
         if role == FROZEN:
-            macs += n_vision * kv_macs
-        if j == ranked_at:
-            macs += ranking
-            scores += 2.0 * ranking_pairs
+            macs += n_entered * kv_macs
+        if j in ranking:
+            macs += ranking[j][0]
+            scores += 2.0 * ranking[j][1]
         layers.append(2.0 * macs)
     head = 2.0 * shape.hidden * shape.vocab
     decode = []
@@ -161,17 +174,17 @@ def cost(
     return Cost(sum(layers) + logits * head, decode, layers, scores, kv_tokens, kv_bytes)
 
 
-def _ranking_macs(shape: Shape, plan: Plan, vision: list[bool]) -> tuple[int, int]:
-    """Multiply-adds of choosing the vision tokens pruning keeps in a prompt, and the part of them on token pairs."""
-    n, n_vision = len(vision), sum(vision)
-    rank = plan.prune_vision_rank
+def _ranking_macs(shape: Shape, rank: str, vision: list[bool], kept: int, keyed: int = 0) -> tuple[int, int]:
+    """Multiply-adds of choosing, by `rank`, the `kept` vision tokens pruning keeps in a prompt whose tokens (those
+    that entered) are `vision`, with keys computed for `keyed` tokens; and the part of them on token pairs."""
+    n, n_vision = keyed, sum(vision)
     if rank == "attention":  # keys of every token, the last token's query, its scores on the keys
         pairs = n * shape.pair_macs // 2
         return n * shape.hidden * shape.kv_width + shape.hidden * shape.heads * shape.head_dim + pairs, pairs
     if rank == "dart":  # keys of every token; each pivot's similarity to each vision token
         last = max(i for i, v in enumerate(vision) if v)
         text_after = sum(not v for v in vision[last + 1 :])
-        pivots = min(DART_IMAGE_PIVOTS, plan.vision_kept(n_vision)) + min(DART_TEXT_PIVOTS, text_after)
+        pivots = min(DART_IMAGE_PIVOTS, kept) + min(DART_TEXT_PIVOTS, text_after)
         pairs = pivots * n_vision * shape.hidden
         return n * shape.hidden * shape.kv_width + pairs, pairs
     pairs = n_vision * n_vision * shape.hidden  # DivPrune: every pair of vision tokens

@@ -24,9 +24,13 @@ they run; X_0 is the input embedding (vision features included) and layer j maps
   farthest point on cosine distance); the others never enter layer 0.
   The choice is made once, in the forward call that carries the image, and holds for the whole generation.
   FastV's "K = 2, R = 50 %" is p = 1, f = 0.5; DART's K = 2 is p = 1 too.
+- ``input_vision_keep = g``: a first stage before a pruning stage at p >= 0 (two-stage reduction, as VScan's
+  reduction before the language model and pruning inside it): only the share g of the vision tokens (rounded up),
+  DivPrune's choice on X_0, enters layer 0; the others are in no layer's sequence. Pruning after p then chooses among
+  those that entered. f and g are both shares of the prompt's vision tokens, f < g.
 So vision tokens are processed by layers k..m (minus skipped and frozen ones); a plan needs 0 <= k <= m <= L-1.
-Plan files are format version 2 when they use what version 1 could not say (a ranking other than attention);
-version 1 files still load.
+Plan files are format version 2 when they use what version 1 could not say (a ranking other than attention), 3
+when they have an input stage; older versions still load.
 
 A plan records the model it was made for (class name, layer count and a weights fingerprint); applying it to any
 other model is an error. It is saved as JSON.
@@ -48,8 +52,8 @@ from torch import nn
 from skipit.errors import SkipitError
 
 FORMAT = "skipit-plan"
-VERSION = 2  # written when the plan needs it (`Plan.to_dict`); older versions are read too
-READS = (1, 2)
+VERSION = 3  # written when the plan needs it (`Plan.to_dict`); older versions are read too
+READS = (1, 2, 3)
 MODES = ("absent", "frozen")
 RANKS = ("attention", "dart", "divprune")  # how pruning chooses the vision tokens it keeps
 BEFORE_LAYERS = -1  # prune_vision_after for a choice made from the input embeddings X_0 (DivPrune)
@@ -90,6 +94,7 @@ class Plan:
     prune_vision_after: int | None = None  # p
     prune_vision_keep: float = 0.5  # f
     prune_vision_rank: str = "attention"
+    input_vision_keep: float | None = None  # g
     evidence: dict = field(default_factory=dict)  # free-form: the measures and predicted saving behind the plan
 
     def __post_init__(self):
@@ -147,6 +152,22 @@ class Plan:
             )
         if p is not None and (bad := [j for j in self.frozen_vision_layers if j > p]):
             raise SkipitError(f"frozen_vision_layers {bad} come after prune_vision_after ({p}): not supported")
+        if (g := self.input_vision_keep) is not None:
+            if isinstance(g, bool) or not isinstance(g, int | float) or not 0 < g < 1:
+                raise SkipitError(f"input_vision_keep must be a fraction strictly between 0 and 1, got {g!r}")
+            if p is None or p == BEFORE_LAYERS:
+                raise SkipitError(
+                    "input_vision_keep is the first stage of a two-stage reduction and needs a pruning stage at a "
+                    f"layer (prune_vision_after >= 0); alone it is DivPrune: prune_vision_after {BEFORE_LAYERS}, "
+                    "prune_vision_rank 'divprune'"
+                )
+            if k != 0:
+                raise SkipitError(f"input_vision_keep (chosen before layer 0) needs late_entry 0, got {k!r}")
+            if not f < g:
+                raise SkipitError(
+                    f"prune_vision_keep ({f!r}) must be below input_vision_keep ({g!r}): both are shares of the "
+                    "prompt's vision tokens, and pruning keeps fewer than entered"
+                )
 
     @classmethod
     def for_model(cls, model: nn.Module, **decisions) -> Plan:
@@ -163,6 +184,11 @@ class Plan:
     def vision_kept(self, n_vision: int) -> int:
         """How many of a prompt's `n_vision` vision tokens pruning keeps (the share, rounded up)."""
         return math.ceil(n_vision * self.prune_vision_keep)
+
+    def vision_entering(self, n_vision: int) -> int:
+        """How many of a prompt's `n_vision` vision tokens enter layer 0 (all, unless the plan has an input stage)."""
+        g = self.input_vision_keep
+        return n_vision if g is None else math.ceil(n_vision * g)
 
     def roles(self) -> list[str]:
         """What each layer does with vision tokens: 'all' (processes them), 'absent', 'frozen', 'pruned' (only the
@@ -206,9 +232,12 @@ class Plan:
             "format": FORMAT, "version": VERSION, **asdict(self),
             "skip_layers": list(self.skip_layers), "frozen_vision_layers": list(self.frozen_vision_layers),
         }  # fmt: skip
-        if self.prune_vision_rank == "attention":  # what version 1 says, without the field version 1 lacks
-            out["version"] = 1
-            del out["prune_vision_rank"]
+        if self.input_vision_keep is None:  # what version 2 says, without the field it lacks
+            out["version"] = 2
+            del out["input_vision_keep"]
+            if self.prune_vision_rank == "attention":  # ... and version 1
+                out["version"] = 1
+                del out["prune_vision_rank"]
         return out
 
     @classmethod
@@ -224,6 +253,8 @@ class Plan:
             )
         if version == 1 and "prune_vision_rank" in data:
             raise SkipitError(f"{source}: prune_vision_rank needs plan format version 2, the file says 1")
+        if version < 3 and "input_vision_keep" in data:
+            raise SkipitError(f"{source}: input_vision_keep needs plan format version 3, the file says {version}")
         try:
             checked = PlanFile.model_validate(data)
         except ValidationError as e:
@@ -271,7 +302,7 @@ class PlanFile(BaseModel):
 
     model_config = ConfigDict(strict=True, extra="forbid")
     format: Literal["skipit-plan"]
-    version: Literal[1, 2]
+    version: Literal[1, 2, 3]
     architecture: str
     num_layers: int
     fingerprint: str
@@ -283,4 +314,5 @@ class PlanFile(BaseModel):
     prune_vision_after: int | None = None
     prune_vision_keep: float = 0.5
     prune_vision_rank: Literal["attention", "dart", "divprune"] = "attention"
+    input_vision_keep: float | None = None
     evidence: dict = {}

@@ -349,6 +349,8 @@ def predicted_damage(analysis: AnalysisResult, plan: Plan) -> dict[str, float | 
                 s += 0.0 if (measure == "var" and role == "frozen") else per["vision"][j]
             elif role == "pruned" and "vision" in per:  # the share of vision tokens pruning removes
                 s += (1 - plan.prune_vision_keep) * per["vision"][j]
+            elif role == "all" and "vision" in per and plan.input_vision_keep is not None:  # ... the input stage
+                s += (1 - plan.input_vision_keep) * per["vision"][j]
         out[measure] = s
     return out
 

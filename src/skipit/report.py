@@ -38,6 +38,7 @@ BANDS = {
     "skipped (all tokens)": "#7f7f7f",
     "frozen vision layer": "#17becf",
     "vision pruned (a share kept)": "#ff7f0e",
+    "vision reduced before layer 0": "#ffbb78",
 }
 COST_LABELS = {"skip": "skip the layer (all tokens)", "freeze": "freeze vision tokens",
                "absent": "vision absent (late entry)", "exit": "vision gone (early exit)"}
@@ -149,6 +150,8 @@ def describe_plan(plan: dict | None) -> str:
         parts.append(f"skip {_layers(plan['skip_layers'])}")
     if plan.get("frozen_vision_layers"):
         parts.append(f"frozen {_layers(plan['frozen_vision_layers'])}")
+    if (g := plan.get("input_vision_keep")) is not None:
+        parts.append(f"vision reduced to {g:.0%} before layer 0 (divprune)")
     if (p := plan.get("prune_vision_after")) is not None:
         rank = plan.get("prune_vision_rank", "attention")
         where = "before layer 0" if p == -1 else f"after {p}"
@@ -218,6 +221,8 @@ def plan_bands(plan, num_layers: int) -> dict[str, list[tuple[int, int]]]:
             label = "frozen vision layer"
         elif role == PRUNED:
             label = "vision pruned (a share kept)"
+        elif plan.input_vision_keep is not None:  # a layer before the second stage: only the tokens that entered
+            label = "vision reduced before layer 0"
         else:
             continue
         runs = bands.setdefault(label, [])

@@ -27,7 +27,7 @@ class SkipLayer(nn.Module):
 
     def __init__(self, base_layer: nn.Module, role: str, runtime: PlanRuntime, last: bool = False,
                  ranks: str | None = None, window: int | None = None, chunk: int | None = None,
-                 recurrent: bool = False, index: int = 0):  # fmt: skip
+                 recurrent: bool = False, index: int = 0, reduces: bool = False):  # fmt: skip
         super().__init__()
         self.base_layer = base_layer
         self.role = role
@@ -42,6 +42,8 @@ class SkipLayer(nn.Module):
         # this layer's part in choosing the vision tokens pruning keeps, on its input (see `ranks_at`): "attention"
         # (its attention ranks them), "keys" (it notes its keys' norms) or "states" (its input ranks them)
         self.ranks = ranks
+        # layer 0 of a plan with an input stage: DivPrune chooses, on its input X_0, the vision tokens that enter
+        self.reduces = reduces
 
     def __getattr__(self, name):
         try:
@@ -53,6 +55,7 @@ class SkipLayer(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"role={self.role!r}" + (f", ranks={self.ranks!r}" if self.ranks else "")
+                + (", reduces" if self.reduces else "")
                 + (f", window={self.window}" if self.window is not None else "")
                 + (f", chunk={self.chunk}" if self.chunk is not None else "")
                 + (", recurrent" if self.recurrent else ""))  # fmt: skip
@@ -62,7 +65,7 @@ class SkipLayer(nn.Module):
             return self.base_layer(hidden_states, *args, **kwargs)
         if args:
             raise SkipitError("skipit expects decoder layers to be called with keyword arguments (transformers 5)")
-        if self.role == SKIP and self.ranks is None:
+        if self.role == SKIP and self.ranks is None and not self.reduces:
             step = self.runtime.current
             return step.expand(hidden_states) if self.last and step is not None else hidden_states
         self.runtime.adapter.check_positions(kwargs.get("position_embeddings"), self.base_layer)
@@ -75,6 +78,8 @@ class SkipLayer(nn.Module):
         kwargs[cache_name] = cache
         kwargs["position_ids"] = None  # only flash attention reads them, and plans do not run with it
         adapter = self.runtime.adapter
+        if self.reduces:
+            step.reduce_input(hidden_states)  # layer 0: its input is X_0, the whole sequence
         if self.ranks is not None:
             hidden_states = step.expand(hidden_states)
             if self.ranks == "attention":

@@ -164,7 +164,7 @@ def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
         whole = j == len(layers) - 1 or j in adapter.injected_after
         layers[j] = SkipLayer(layers[j], role, runtime, last=whole, ranks=ranks_at(plan, j),
                               window=adapter.windows[j], chunk=adapter.chunks[j], recurrent=adapter.recurrent[j],
-                              index=j)  # fmt: skip
+                              index=j, reduces=j == 0 and plan.input_vision_keep is not None)  # fmt: skip
     runtime.hooks = [
         model.register_forward_pre_hook(runtime.before_forward, with_kwargs=True),
         model.register_forward_hook(runtime.after_forward, always_call=True),

@@ -45,7 +45,7 @@ def key_l1_norms(adapter: Adapter, layer: nn.Module, hidden: torch.Tensor, posit
 
 def dart_keep(states: torch.Tensor, key_norms: torch.Tensor, vision: torch.Tensor, valid: torch.Tensor,
               share: float, image_pivots: int = DART_IMAGE_PIVOTS, text_pivots: int = DART_TEXT_PIVOTS,
-              ) -> torch.Tensor:  # fmt: skip
+              of: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
     """DART: keep the vision tokens least duplicated with respect to a few pivot tokens.
 
     `states` (batch, seq, dim): the hidden states the similarity is measured on (DART: the output of the layer
@@ -54,12 +54,13 @@ def dart_keep(states: torch.Tensor, key_norms: torch.Tensor, vision: torch.Tenso
     the last vision token with the largest norm (DART's "query" tokens follow the image). The vision pivots are
     kept; then each pivot in turn (vision pivots first, each group by decreasing norm) takes its quota of the
     remaining vision tokens with the lowest cosine similarity to it. The quotas split the rest of the row's count
-    evenly (the first pivots take one more when it does not divide), so a row keeps exactly its count.
+    evenly (the first pivots take one more when it does not divide), so a row keeps exactly its count: the share of
+    its vision tokens, or of `of` (batch, seq) where given (the vision tokens before an input stage left some out).
     """
     B, T = vision.shape
     kept = torch.zeros(B, T, dtype=torch.bool, device=vision.device)
     seq = torch.arange(T, device=vision.device)
-    for b, count in enumerate(kept_counts(vision, share)):
+    for b, count in enumerate(kept_counts(vision if of is None else of, share)):
         tokens = torch.nonzero(vision[b])[:, 0]
         if count == 0:
             continue

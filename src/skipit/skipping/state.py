@@ -138,6 +138,9 @@ class ForwardStep:
         self._runs, self._selections = {}, {}
         self._scratch = None
         self.kept = None  # (batch, seq) vision tokens kept by pruning, once the pruning layer has ranked them
+        # (batch, seq) vision tokens the input stage (`input_vision_keep`) left out of every layer, once layer 0 has
+        # chosen; None: every token entered
+        self.dropped = None
         self.key_norms = None  # (batch, seq) DART's pivot criterion, noted at the pruning layer
         # Layers that process the same subset in a row pass it on compacted: gathered once, scattered back once
         # (at the first layer that needs other tokens, or at the last layer).
@@ -184,9 +187,13 @@ class ForwardStep:
             return
         last = answer_index(self.valid)
         # FastV-style: ranked once, in the call that carries the vision tokens, by weights computed beside the
-        # layer (`Adapter.last_query_attention`), so the layer itself keeps running under SDPA.
-        weights = self.adapter.last_query_attention(layer, hidden, position_embeddings, self.valid, last, window)
-        weights = weights.masked_fill(~self.vision, -1.0)
+        # layer (`Adapter.last_query_attention`), so the layer itself keeps running under SDPA. Tokens the input
+        # stage dropped are no keys there and are not ranked.
+        valid, vision = self.valid, self.vision
+        if self.dropped is not None:
+            valid, vision = valid & ~self.dropped, vision & ~self.dropped
+        weights = self.adapter.last_query_attention(layer, hidden, position_embeddings, valid, last, window)
+        weights = weights.masked_fill(~vision, -1.0)
         counts = torch.ceil(self.vision.sum(1) * self.plan.prune_vision_keep).long()
         # rank of each token by weight (stable: ties keep sequence order); non-vision tokens rank last
         rank = weights.argsort(dim=1, descending=True, stable=True).argsort(dim=1)
@@ -198,6 +205,13 @@ class ForwardStep:
             return
         self.key_norms = key_l1_norms(self.adapter, layer, hidden, position_embeddings)
 
+    def reduce_input(self, hidden: torch.Tensor) -> None:
+        """The input stage, on X_0 (`hidden`, the whole sequence): DivPrune keeps the share `input_vision_keep` of
+        each row's vision tokens; the others are left out of every layer (`dropped`)."""
+        if self.vision is None or self.dropped is not None:
+            return
+        self.dropped = self.vision & ~divprune_keep(hidden, self.vision, self.plan.input_vision_keep)
+
     def rank_states(self, hidden: torch.Tensor) -> None:
         """DART or DivPrune, at the input `hidden` (the whole sequence) of the layer after the pruning layer: X_{p+1}
         (X_0 for DivPrune); see `skipit.skipping.rankers`."""
@@ -206,7 +220,10 @@ class ForwardStep:
         keep = self.plan.prune_vision_keep
         if self.plan.prune_vision_rank == "dart":
             states = self.adapter.final_norm(hidden)
-            self.kept = dart_keep(states, self.key_norms, self.vision, self.valid, keep)
+            valid, vision = self.valid, self.vision
+            if self.dropped is not None:  # only those that entered are pivots or ranked
+                valid, vision = valid & ~self.dropped, vision & ~self.dropped
+            self.kept = dart_keep(states, self.key_norms, vision, valid, keep, of=self.vision)
         else:
             self.kept = divprune_keep(hidden, self.vision, keep)
 
@@ -218,8 +235,10 @@ class ForwardStep:
 
     def _make_runs(self, role: str) -> list[LayerRun]:
         keys = self.state.keys.setdefault(role, CachedKeys())
-        if role == ALL or self.vision is None:
+        if self.vision is None:
             return [self._layer_run(keys, None, ordered=True)]
+        if role == ALL:
+            return [self._layer_run(keys, None if self.dropped is None else "entered", ordered=True)]
         if role == ABSENT:
             return [self._layer_run(keys, "text", ordered=True)]
         if role == PRUNED:  # later layers process the kept vision tokens as a subset, like text after an exit
@@ -232,12 +251,14 @@ class ForwardStep:
         return [vision, self._layer_run(keys, "text", ordered=False)]
 
     def _select(self, name: str):
-        """(take, keep, index, valid, block) of the text, the vision or the text and kept vision tokens; the same
-        objects for every role."""
+        """(take, keep, index, valid, block) of the text, the vision, the text and kept vision tokens, or every
+        token that entered (`dropped`); the same objects for every role."""
         if name not in self._selections:
             select = self.vision if name == "vision" else ~self.vision
             if name == "kept":
                 select = select | self.kept
+            if self.dropped is not None:
+                select = ~self.dropped if name == "entered" else select & ~self.dropped
             counts = select.sum(1)
             n = int(counts.max())
             # Rows may select different numbers of tokens (e.g. of vision tokens): the subset is padded to the
