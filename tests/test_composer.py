@@ -417,3 +417,35 @@ def test_divprune_and_pruning_after_a_layer_join_as_two_stages():
     assert composer._with(EMPTY, Decision("prune", -1, keep=0.1, ranker="divprune"), composer.plan_fields(two)) is None
     assert composer._with(EMPTY, Decision("prune", 2, keep=0.75), divprune.apply(fields)) is None  # keeps > entered
     assert composer._with(EMPTY, Decision("prune", 2, keep=0.1), composer.plan_fields(two)).prune_vision_keep == 0.1
+
+
+def test_a_plan_past_its_budget_keeps_more_tokens_when_that_measures_less_kl():
+    def kl_of(plan: Plan, split: str) -> list[float]:  # dropping tokens costs, at each stage; a skip costs 1
+        pruned = 0.0 if plan.prune_vision_after is None else 0.2 * (1 - plan.prune_vision_keep)
+        entered = 0.0 if plan.input_vision_keep is None else 0.1 * (1 - plan.input_vision_keep)
+        return [pruned + entered + len(plan.skip_layers)] * 4
+
+    plain = cost(SHAPE, None, PROMPT).prefill
+    measurer = Measurer(kl_of, lambda plan: 1 - cost(SHAPE, plan, PROMPT).prefill / plain)
+
+    def state(plan: Plan, m: Measurer = measurer) -> composer.State:
+        return composer.State(plan, (), m.mean_kl(plan, "score"), m.saving(plan), 0.0, m.kl(plan, "heldout"))
+
+    one = state(EMPTY.with_decisions(prune_vision_after=0, prune_vision_keep=0.125, skip_layers=[4]))
+    budget = one.saving - 0.05
+    fitted = composer.fit_to_budget(measurer, one, budget)
+    keep = fitted.plan.prune_vision_keep
+    assert keep > 0.125 and fitted.plan.skip_layers == (4,) and fitted.saving >= budget
+    assert measurer.saving(fitted.plan.with_decisions(prune_vision_after=0, prune_vision_keep=keep + 2e-3,
+                                                      skip_layers=[4])) < budget  # fmt: skip
+    assert fitted.kl < one.kl and fitted.steps[-1]["name"] == "shares fitted to the budget"
+    # two stages: the second stage's share goes up to (just under) the input stage's, then the input stage's
+    two = state(EMPTY.with_decisions(input_vision_keep=0.25, prune_vision_after=2, prune_vision_keep=0.125))
+    fitted = composer.fit_to_budget(measurer, two, two.saving - 0.1)
+    assert fitted.plan.prune_vision_keep == 0.2499 and fitted.plan.input_vision_keep > 0.25
+    assert fitted.saving >= two.saving - 0.1
+    # where keeping more measures more KL, or nothing is pruned, the plan stays as it was
+    inverse = Measurer(lambda plan, split: [plan.prune_vision_keep] * 4, measurer.saving)
+    assert composer.fit_to_budget(inverse, state(one.plan, inverse), budget).plan == one.plan
+    skip = state(EMPTY.with_decisions(skip_layers=[1]))
+    assert composer.fit_to_budget(measurer, skip, skip.saving / 2) is skip
