@@ -133,7 +133,6 @@ class Decision:
             raise ValueError(f"unknown decision kind {self.kind!r}")
         return f
 
-
     def _second_stage(self, fields: dict) -> dict | None:
         """Two stages: DivPrune before layer 0 (`input_vision_keep`) with pruning after a layer, whichever joins
         first (`Plan` checks that pruning keeps fewer than entered); a lower input share for a plan with both. None
@@ -562,11 +561,8 @@ def fit_to_budget(measurer: Measurer, state: State, budget: float) -> State:
             candidate = _plan(plan, {**fields, name: share})
             return candidate is not None and measurer.saving(candidate) >= budget
 
-        lo, hi = fields[name], 1 - 1e-3  # lo meets the budget; the FLOPs removed fall as the share grows
-        for _ in range(20):
-            mid = (lo + hi) / 2
-            lo, hi = (mid, hi) if meets(mid) else (lo, mid)
-        fields[name] = max(fields[name], math.floor(lo * 1e4) / 1e4)  # readable, and no more than meets it
+        share = largest_keep_share(meets, lo=fields[name]) or 0.0  # from the plan's own share, which meets it
+        fields[name] = max(fields[name], math.floor(share * 1e4) / 1e4)  # readable, and no more than meets it
     fitted = plan.with_decisions(**fields)
     if fitted == plan:
         return state

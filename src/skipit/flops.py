@@ -240,10 +240,11 @@ def ideal_speedup(shape: Shape, plan: Plan | Sequence[str], vision: Sequence[boo
     }
 
 
-def largest_keep_share(meets: Callable[[float], bool]) -> float | None:
+def largest_keep_share(meets: Callable[[float], bool], lo: float = 1e-3) -> float | None:
     """The largest share of vision tokens kept, to about 1e-6, at which `meets(share)` (a plan pruning to it removes
-    enough FLOPs) holds, by bisection: the FLOPs removed fall as the share kept grows. None when even 0.1 % does not."""
-    lo, hi = 1e-3, 1 - 1e-3
+    enough FLOPs) holds, by bisection from `lo` up: the FLOPs removed fall as the share kept grows. None when even
+    `lo` (0.1 %) does not."""
+    hi = 1 - 1e-3
     if not meets(lo):
         return None
     for _ in range(20):
