@@ -189,9 +189,7 @@ class ForwardStep:
         # FastV-style: ranked once, in the call that carries the vision tokens, by weights computed beside the
         # layer (`Adapter.last_query_attention`), so the layer itself keeps running under SDPA. Tokens the input
         # stage dropped are no keys there and are not ranked.
-        valid, vision = self.valid, self.vision
-        if self.dropped is not None:
-            valid, vision = valid & ~self.dropped, vision & ~self.dropped
+        valid, vision = self.entered()
         weights = self.adapter.last_query_attention(layer, hidden, position_embeddings, valid, last, window)
         weights = weights.masked_fill(~vision, -1.0)
         counts = torch.ceil(self.vision.sum(1) * self.plan.prune_vision_keep).long()
@@ -204,6 +202,12 @@ class ForwardStep:
         if self.vision is None or self.kept is not None:
             return
         self.key_norms = key_l1_norms(self.adapter, layer, hidden, position_embeddings)
+
+    def entered(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(valid, vision) of the tokens that entered layer 0: without those the input stage dropped, if any."""
+        if self.dropped is None:
+            return self.valid, self.vision
+        return self.valid & ~self.dropped, self.vision & ~self.dropped
 
     def reduce_input(self, hidden: torch.Tensor) -> None:
         """The input stage, on X_0 (`hidden`, the whole sequence): DivPrune keeps the share `input_vision_keep` of
@@ -220,9 +224,7 @@ class ForwardStep:
         keep = self.plan.prune_vision_keep
         if self.plan.prune_vision_rank == "dart":
             states = self.adapter.final_norm(hidden)
-            valid, vision = self.valid, self.vision
-            if self.dropped is not None:  # only those that entered are pivots or ranked
-                valid, vision = valid & ~self.dropped, vision & ~self.dropped
+            valid, vision = self.entered()  # only those that entered are pivots or ranked
             self.kept = dart_keep(states, self.key_norms, vision, valid, keep, of=self.vision)
         else:
             self.kept = divprune_keep(hidden, self.vision, keep)
