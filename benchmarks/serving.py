@@ -4,8 +4,9 @@ At batch 1 with 64 vision tokens decoding reads mostly weights, so vision tokens
 decode speed. Here a random-weight LLaVA-shaped model (built from a config in this file: a small CLIP tower,
 336-px images of 14-px patches = 576 vision tokens each, several images per prompt for longer contexts, and a
 Llama text model whose size is an option) runs prompts of 576 and 2,880 vision tokens (+ 40 text tokens) at
-batch 1, 8 and 32. For the untouched model and for plans (vision tokens exit after layer L/4 and L/2; FastV-style
-pruning to 25 % of the vision tokens after layer 1), measured side by side in one run, rounds alternating (order
+batch 1, 8 and 32. For the untouched model and for plans (by default vision tokens exit after layer L/4 and L/2;
+FastV-style pruning to 25 % of the vision tokens after layer 1; `--plans` adds DivPrune before layer 0 and a
+two-stage plan, see PLANS), measured side by side in one run, rounds alternating (order
 reversed every other round, `skipit.evaluation.speed.compare`), one warm-up round discarded:
 
 - prefill: one forward over the prompts (vision features precomputed, so the language backbone only); with
@@ -109,14 +110,26 @@ def make_inputs(model, n_vision: int, batch: int, text_tokens: int, seed: int = 
     )  # fmt: skip
 
 
-def plans(model, num_layers: int) -> dict[str, Plan | None]:
-    L = num_layers
-    return {
-        "untouched": None,
-        f"early exit after layer {L // 4}": Plan.for_model(model, early_exit=L // 4),
-        f"early exit after layer {L // 2}": Plan.for_model(model, early_exit=L // 2),
-        "FastV: keep 25 % after layer 1": Plan.for_model(model, prune_vision_after=1, prune_vision_keep=0.25),
-    }
+PLANS = {  # --plans: name -> (label, decisions) for a text model of L layers; the untouched model always runs
+    "exit-quarter": lambda L: (f"early exit after layer {L // 4}", dict(early_exit=L // 4)),
+    "exit-half": lambda L: (f"early exit after layer {L // 2}", dict(early_exit=L // 2)),
+    "fastv": lambda L: ("FastV: keep 25 % after layer 1", dict(prune_vision_after=1, prune_vision_keep=0.25)),
+    "divprune": lambda L: ("DivPrune: keep 25 % before layer 0",
+                           dict(prune_vision_after=-1, prune_vision_keep=0.25, prune_vision_rank="divprune")),
+    # what skipit's composer chose at 40 % on mini-llava: half the vision tokens enter, 12.5 % go on after L/2
+    "two-stage": lambda L: (f"two stages: 50 % enter, 12.5 % after layer {L // 2}",
+                            dict(input_vision_keep=0.5, prune_vision_after=L // 2, prune_vision_keep=0.125)),
+}
+DEFAULT_PLANS = ["exit-quarter", "exit-half", "fastv"]
+
+
+def plans(model, num_layers: int, names: list[str]) -> dict[str, Plan | None]:
+    """The untouched model and the plans `names` (keys of PLANS), by label."""
+    out: dict[str, Plan | None] = {"untouched": None}
+    for name in names:
+        label, decisions = PLANS[name](num_layers)
+        out[label] = Plan.for_model(model, **decisions)
+    return out
 
 
 def decode_bytes(shape: Shape, plan: Plan | None, vision: list[bool], batch: int, new_tokens: int, value_bytes: int):
@@ -143,7 +156,7 @@ def spread(values: list[float]) -> tuple[float, float, float]:
 def cell_rows(model, args, n_vision: int, batch: int, weight_bytes: int) -> list[dict]:
     """Measure one (vision tokens, batch) cell: every plan, side by side."""
     L = model.config.text_config.num_hidden_layers
-    configs = plans(model, L)
+    configs = plans(model, L, args.plans)
     inputs = make_inputs(model, n_vision, batch, args.text_tokens)
     encoded, encode_s = speed.encode_images(model, inputs)
     del inputs
@@ -238,6 +251,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--prefill", choices=["separate", "first-token"],
                     help="prefill time: a forward of its own, or generate()'s time to the first token")
     ap.add_argument("--threads", type=int, help="torch threads (CPU preset: 1, see PRESETS)")
+    ap.add_argument("--plans", nargs="+", choices=sorted(PLANS), default=DEFAULT_PLANS,
+                    help=f"plans measured against the untouched model (default: {' '.join(DEFAULT_PLANS)})")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--table", default=None, help="also write the markdown table (and header) to this file")
     ap.add_argument("--out", default=None, help="write every run as JSON to this file")
