@@ -57,8 +57,14 @@ def test_sweep_writes_every_plan_and_resumes(setup, tmp_path, monkeypatch):
         raise AssertionError("a finished plan was measured again")
 
     monkeypatch.setattr(sweep, "measure_plan", fail)
+    # the same decisions found again (a newer search, say): the saved scores stay, the plan's evidence is the new one
+    family, plan = plans["layer_skip_3"]
+    plans["layer_skip_3"] = (family, dataclasses.replace(plan, evidence={"search": {"version": 99}}))
     again = sweep.run(model, processor, test, tmp_path, plans, analysis=analysis, repeats=1)
     assert [r["accuracy"] for r in again["plans"]] == [r["accuracy"] for r in result["plans"]]
+    saved = json.loads((tmp_path / "plans" / "layer_skip_3.json").read_text())
+    assert saved["plan"]["evidence"] == {"search": {"version": 99}}
+    assert saved["accuracy"] == rows["layer_skip_3"]["accuracy"]
 
 
 def test_correlations_on_known_rankings():

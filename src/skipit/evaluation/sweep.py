@@ -248,6 +248,9 @@ def run(
             # the plan was found, e.g. a search's seconds) may differ between runs, the decisions may not
             if (_decisions(Plan.from_dict(saved["plan"])) == _decisions(plan) and saved["key"] == key
                     and (saved.get("timed", True) or not wanted)):  # fmt: skip
+                if saved["plan"] != (current := plan.to_dict()):  # a search run again: its evidence, same scores
+                    saved["plan"] = current
+                    write_json(path, saved)
                 done[name] = saved
                 if on_plan:
                     on_plan(name)
