@@ -368,6 +368,37 @@ def test_sweep_with_captions_adds_them_to_sweep_json(tiny_llava_dir, tmp_path, m
     assert len(searched) == 2  # skipit+composed and skipit@0.2
 
 
+def test_a_sweep_stopped_while_it_scores_keeps_its_search(tiny_llava_dir, tmp_path, monkeypatch):
+    from skipit.composer import compose
+    from skipit.evaluation.run import sweep_model
+
+    test = write_split(tmp_path / "shapes", "test", n=4).parent
+    calib = write_split(tmp_path / "shapes", "calibration", n=4).parent
+    model, processor = models.load(tiny_llava_dir)
+    analyze(model, processor, load_records(calib), batch_size=2,
+            stats_config=StatsConfig(n_bootstrap=5, sketch_size=16)).save(tmp_path / "run")  # fmt: skip
+    out, args = tmp_path / "sweep", dict(analysis=tmp_path / "run", calib=calib, step=6, budgets="0.2",
+                                         methods="random", n_calib=4, repeats=1, time_grid=False)  # fmt: skip
+
+    def stop(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sweep, "measure_plan", stop)  # stopped at the first plan scored, after the search
+    with pytest.raises(KeyboardInterrupt):
+        sweep_model(tiny_llava_dir, test, out, **args)
+    assert not list((out / "plans").glob("*.json"))
+    planned = json.loads((out / "planned.json").read_text())
+    monkeypatch.undo()
+    searched = []
+    monkeypatch.setattr(composer, "compose", lambda *a, **k: searched.append(1) or compose(*a, **k))
+    summary = sweep_model(tiny_llava_dir, test, out, **args)
+    assert searched == []  # the saved composed plans were taken, not searched again
+    rows = {r["name"]: r["plan"] for r in summary["plans"]}
+    assert rows["skipit@0.2"] == planned["skipit@0.2"] and rows["skipit+composed"] == planned["skipit+composed"]
+    sweep_model(tiny_llava_dir, test, out, restart=True, **args)  # a restart searches again
+    assert len(searched) == 2
+
+
 def test_a_composer_knows_its_own_plans(tiny_llava, setup):
     model, processor, _, calib, _ = setup
     mine = composer.Composer(model, processor, calib, shortlist=2)

@@ -245,6 +245,7 @@ def sweep_model(
                                 on_measure=(lambda: advance(1)) if advance else None)  # fmt: skip
             plans |= sweep.compared_plans(vlm, processor, calib_records, result, encoded, levels, chosen,
                                           composer=composer, saved=sweep.saved_plans(out))  # fmt: skip
+        sweep.save_planned(out, plans)  # the search's result survives a sweep stopped while it scores
     with _tracker(progress, "plan") as track:
         advance = track("sweeping plans", len(plans)) if track else None
         summary = sweep.run(vlm, processor, records, out, plans, analysis=result, batch_size=batch_size,

@@ -163,14 +163,34 @@ def run_key(model, records, batch_size: int, repeats: int) -> dict:
             "speed_new_tokens": SPEED_NEW_TOKENS}  # fmt: skip
 
 
+PLANNED = "planned.json"  # the compared plans, saved before any is scored: a sweep cut short need not search again
+
+
+def save_planned(run_dir: str | Path, plans: dict[str, tuple[str, Plan]]) -> None:
+    """Keep the plans `compared_plans` made in RUN_DIR/planned.json (read back by `saved_plans`)."""
+    write_json(Path(run_dir) / PLANNED, {name: plan.to_dict() for name, (_, plan) in plans.items()})
+
+
 def saved_plans(run_dir: str | Path) -> dict[str, Plan]:
-    """The plans of the results saved in RUN_DIR/plans/, by name (after `check_saved`: measured under this key)."""
-    out = {}
-    for path in sorted((Path(run_dir) / "plans").glob("*.json")):
+    """The plans saved in RUN_DIR, by name: those planned (`save_planned`), then those of the results in plans/ (after
+    `check_saved`: measured under this key). A composed plan among them is taken only if the composer would make it
+    again (`compared_plans`)."""
+    run_dir, out = Path(run_dir), {}
+    try:
+        planned = json.loads((run_dir / PLANNED).read_text())
+    except (OSError, ValueError):
+        planned = {}
+    found = [(name, data) for name, data in planned.items()] if isinstance(planned, dict) else []
+    for path in sorted((run_dir / "plans").glob("*.json")):
         try:
-            out[path.stem] = Plan.from_dict(json.loads(path.read_text())["plan"])
-        except (OSError, ValueError, KeyError, TypeError, SkipitError):
-            continue  # measured again, like any plan whose result is not there
+            found.append((path.stem, json.loads(path.read_text())["plan"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    for name, data in found:
+        try:
+            out[name] = Plan.from_dict(data)
+        except (ValueError, KeyError, TypeError, AttributeError, SkipitError):
+            continue  # planned again, like any plan that was not saved
     return out
 
 
@@ -182,9 +202,9 @@ def saved_files(run_dir: str | Path) -> list[Path]:
 
 def check_saved(run_dir: str | Path, key: dict, restart: bool = False) -> None:
     """Refuse RUN_DIR if it holds results measured under another key; with `restart`, delete them instead."""
-    if restart:  # captions too (`caption_pareto` keys its own files)
-        for path in (Path(run_dir) / "captions").glob("*.json"):
-            path.unlink()
+    if restart:  # captions and the saved plans too (`caption_pareto` keys its own files)
+        for path in [*(Path(run_dir) / "captions").glob("*.json"), Path(run_dir) / PLANNED]:
+            path.unlink(missing_ok=True)
     for path in saved_files(run_dir):
         if restart:
             path.unlink()
