@@ -100,10 +100,14 @@ def divprune_keep(states: torch.Tensor, vision: torch.Tensor, share: float) -> t
     take = torch.sort((~vision).to(torch.int8), dim=1, stable=True).indices[:, :n]  # each row's vision tokens first
     real = vision.gather(1, take)  # False at padding slots of rows with fewer vision tokens
     x = _unit(states.gather(1, take[..., None].expand(-1, -1, states.shape[-1])))
-    distance = 1 - torch.bmm(x, x.transpose(1, 2))  # (batch, n, n)
-    # the first choice: each token's distance to its nearest other (real) token
-    others = real[:, :, None] & ~torch.eye(n, dtype=torch.bool, device=vision.device)
-    nearest = distance.masked_fill(~others, math.inf).amin(1)
+    distance = torch.bmm(x, x.transpose(1, 2)).neg_().add_(1)  # (batch, n, n): 1 - cos
+    # the first choice: each token's distance to its nearest other (real) token. Masked in place: at 2,880 vision
+    # tokens x batch 8 the matrix is 265 MB in float32 and a masked copy would double it. The loop below never
+    # needs what is masked: a token's distance to itself (a chosen token is skipped) or from a padding slot (never
+    # chosen, so never a row it reads).
+    distance.diagonal(dim1=1, dim2=2).fill_(math.inf)
+    distance.masked_fill_(~real[:, :, None], math.inf)
+    nearest = distance.amin(1)
     chosen = torch.zeros(B, n, dtype=torch.bool, device=vision.device)
     rows = torch.arange(B, device=vision.device)
     target = torch.tensor(kept_counts(vision, share), device=vision.device)
