@@ -331,16 +331,22 @@ def test_captions_under_each_compared_plan_with_paired_intervals_and_resume(setu
 
 
 
+def _saved_split_and_analysis(model_dir, tmp_path):
+    """Test and calibration folders of 4 records each, and an analysis of the model in tmp_path/run."""
+    test = write_split(tmp_path / "shapes", "test", n=4).parent
+    calib = write_split(tmp_path / "shapes", "calibration", n=4).parent
+    model, processor = models.load(model_dir)
+    analyze(model, processor, load_records(calib), batch_size=2,
+            stats_config=StatsConfig(n_bootstrap=5, sketch_size=16)).save(tmp_path / "run")  # fmt: skip
+    return test, calib
+
+
 def test_sweep_with_captions_adds_them_to_sweep_json(tiny_llava_dir, tmp_path, monkeypatch):
     from skipit.composer import compose
     from skipit.evaluation import caption
     from skipit.evaluation.run import sweep_model
 
-    test = write_split(tmp_path / "shapes", "test", n=4).parent
-    calib = write_split(tmp_path / "shapes", "calibration", n=4).parent
-    model, processor = models.load(tiny_llava_dir)
-    analyze(model, processor, load_records(calib), batch_size=2,
-            stats_config=StatsConfig(n_bootstrap=5, sketch_size=16)).save(tmp_path / "run")  # fmt: skip
+    test, calib = _saved_split_and_analysis(tiny_llava_dir, tmp_path)
     out = tmp_path / "sweep"
     summary = sweep_model(tiny_llava_dir, test, out, analysis=tmp_path / "run", calib=calib, step=6, budgets="0.2",
                           methods="random,shortgpt", n_calib=4, repeats=1, time_grid=False, captions=2)  # fmt: skip
@@ -372,11 +378,7 @@ def test_a_sweep_stopped_while_it_scores_keeps_its_search(tiny_llava_dir, tmp_pa
     from skipit.composer import compose
     from skipit.evaluation.run import sweep_model
 
-    test = write_split(tmp_path / "shapes", "test", n=4).parent
-    calib = write_split(tmp_path / "shapes", "calibration", n=4).parent
-    model, processor = models.load(tiny_llava_dir)
-    analyze(model, processor, load_records(calib), batch_size=2,
-            stats_config=StatsConfig(n_bootstrap=5, sketch_size=16)).save(tmp_path / "run")  # fmt: skip
+    test, calib = _saved_split_and_analysis(tiny_llava_dir, tmp_path)
     out, args = tmp_path / "sweep", dict(analysis=tmp_path / "run", calib=calib, step=6, budgets="0.2",
                                          methods="random", n_calib=4, repeats=1, time_grid=False)  # fmt: skip
 
