@@ -180,7 +180,7 @@ def saved_plans(run_dir: str | Path) -> dict[str, Plan]:
         planned = json.loads((run_dir / PLANNED).read_text())
     except (OSError, ValueError):
         planned = {}
-    found = [(name, data) for name, data in planned.items()] if isinstance(planned, dict) else []
+    found = list(planned.items()) if isinstance(planned, dict) else []
     for path in sorted((run_dir / "plans").glob("*.json")):
         try:
             found.append((path.stem, json.loads(path.read_text())["plan"]))
