@@ -5,6 +5,15 @@ nowhere else, so that the next rename is one edit. Known differences:
 - 5.24 renamed the keyword that carries the KV cache from `past_key_values` to `cache` (model, decoder-layer and
   attention `forward`; the old name still works with a deprecation warning until 5.40, passing both raises) and
   output classes gained `.cache` (`.past_key_values` stays as a deprecated alias).
+- 5.25: Aya Vision's forward multiplies its logits by its Cohere2 text config's `logit_scale`, as Cohere2ForCausalLM
+  always has (before, it left them unscaled): `logit_scale`.
+- 5.25: a cache's length (`DynamicCache.get_seq_length()`, from which a model infers the positions a call does not
+  pass) is layer 0's whatever its kind, linear-attention layers now counting the tokens they ran; before, a hybrid
+  cache whose layer 0 is a linear-attention one reported its first attention layer's. The engine asks the cache
+  itself (`PlanRuntime.before_forward`), so a plan skipping Qwen3.5's layer 0 needs position_ids to continue a cache
+  from 5.25 on, one skipping its layer 1 before.
+- 5.25 loads models with `use_kernels=True` by default (`from_pretrained`): layer forwards are swapped for kernels
+  fetched from the hub at load time; skipit loads with them off (`LOAD_KWARGS`).
 
 The tested range is what CI runs: the lock's release and the newest release the declared range allows.
 """
@@ -30,6 +39,9 @@ def _installed_cache_kwarg() -> str:
 
 
 CACHE_KWARG = _installed_cache_kwarg()
+# `from_pretrained` keywords: no hub kernels (5.25's default), since skipit never downloads at run time and its
+# engine is checked against the model's own layer forwards. Every release in the range accepts the keyword.
+LOAD_KWARGS = {"use_kernels": False}
 _CACHE_NAMES = ("cache", "past_key_values")
 
 
@@ -49,6 +61,17 @@ def output_cache(output):
     warning of the old name."""
     cache = getattr(output, "cache", None)
     return cache if cache is not None else getattr(output, "past_key_values", None)
+
+
+def logit_scale(model) -> float | None:
+    """The factor `model`'s forward multiplies the LM head's logits by, or None: Cohere's causal LMs keep it as
+    `model.logit_scale`; Aya Vision applies its text config's from 5.25 on (`AyaVisionForConditionalGeneration`)."""
+    scale = getattr(model, "logit_scale", None)
+    if isinstance(scale, float):
+        return scale
+    if getattr(model.config, "model_type", None) == "aya_vision" and Version("5.25") <= TRANSFORMERS_VERSION:
+        return float(model.config.text_config.logit_scale)
+    return None
 
 
 def check_version() -> None:

@@ -64,6 +64,8 @@ def load(path: str | Path | None = None, dtype=None, device: str | None = None):
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
 
+    from skipit import compat
+
     if path is None:
         from skipit.demo.build import ensure_built
 
@@ -83,15 +85,16 @@ def load(path: str | Path | None = None, dtype=None, device: str | None = None):
     if family is None and not _looks_like_vlm(config):
         raise SkipitError(f"model type {kind!r} is not supported; supported families: {supported_families()}")
     if family is not None and family.kind == CAUSAL_LM:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **compat.LOAD_KWARGS)
         processor = AutoTokenizer.from_pretrained(path)
     else:
         try:
-            model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype)
+            model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, **compat.LOAD_KWARGS)
         except ValueError as e:  # an unlisted type transformers has no image-text-to-text class for
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise SkipitError(f"model type {kind!r} is not supported ({first}); supported families: "
-                              f"{supported_families()}") from None
+            raise SkipitError(
+                f"model type {kind!r} is not supported ({first}); supported families: {supported_families()}"
+            ) from None
         processor = AutoProcessor.from_pretrained(path)
         if family is None:
             from skipit.adapters import get_adapter

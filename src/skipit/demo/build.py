@@ -24,6 +24,7 @@ from transformers import (
     LlavaProcessor,
 )
 
+from skipit import compat
 from skipit.demo import weights
 from skipit.demo.dinov2_onnx import convert as convert_dinov2
 from skipit.errors import SkipitError
@@ -106,7 +107,9 @@ def assemble(trained: dict[str, torch.Tensor] | None = None):
     gguf = weights.smollm2_gguf()
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
-    lm = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    lm = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, dtype=torch.float32, **compat.LOAD_KWARGS
+    )
     lm.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     vision = convert_dinov2(weights.dinov2_onnx())
 
