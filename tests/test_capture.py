@@ -142,6 +142,22 @@ def test_logit_lens_equals_direct_computation_from_output_hidden_states():
     assert got == pytest.approx(expected, rel=1e-6)
 
 
+@pytest.mark.parametrize("family", ["llava", "aya_vision", "cohere2", "gemma2"])
+def test_logit_lens_reads_with_the_models_whole_head(family):
+    """At the last layer's output (before the final norm) the lens gives the model's own logits: Cohere's logit scale
+    and Gemma 2's soft-cap included."""
+    model, inputs = build(family), make_inputs(family, 3)
+    with Calibrator(model, CONFIG, attention=False) as cal:
+        cal.update(inputs, ids(3))
+    last = []
+    hook = cal.adapter.layers[-1].register_forward_hook(lambda m, a, out: last.append(out[0] if isinstance(out, tuple)
+                                                                                     else out))  # fmt: skip
+    with torch.no_grad():
+        logits = model(**inputs).logits[:, -1]
+    hook.remove()
+    torch.testing.assert_close(cal._lens_logits(last[0][:, -1]), logits, atol=1e-4, rtol=0)
+
+
 def test_ablation_kl_matches_a_model_without_that_update():
     """Layer 2's update dropped for vision tokens == a copy whose layer 2 returns its input at vision positions."""
     model, inputs = build("llava"), make_inputs("llava", 2)

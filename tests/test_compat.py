@@ -39,7 +39,7 @@ def test_output_cache_reads_a_real_output():
 
 
 @pytest.mark.parametrize(("version", "warns"), [("5.22.2", True), ("5.23.0", False), ("5.24.3", False),
-                                                 ("5.25.0", True), ("6.0.0", True)])  # fmt: skip
+                                                 ("5.25.1", False), ("5.26.0", True), ("6.0.0", True)])  # fmt: skip
 def test_versions_outside_the_tested_range_warn_once(monkeypatch, version, warns):
     monkeypatch.setattr(compat, "TRANSFORMERS_VERSION", Version(version))
     with warnings.catch_warnings(record=True) as caught:
@@ -47,4 +47,22 @@ def test_versions_outside_the_tested_range_warn_once(monkeypatch, version, warns
         compat.check_version()
     assert len(caught) == int(warns)
     if warns:
-        assert "tested with transformers 5.23.0-5.24.x" in str(caught[0].message)
+        assert "tested with transformers 5.23.0-5.25.x" in str(caught[0].message)
+
+
+@pytest.mark.parametrize("family", ["aya_vision", "cohere2", "llama"])
+def test_logit_scale_is_the_factor_the_models_forward_applies(family):
+    """The model's logits over the LM head's on its (already normed) last hidden state: Aya Vision's is 1 before
+    transformers 5.25 and its text config's logit_scale from 5.25 on."""
+    import test_skipping as ts
+
+    from skipit.adapters import get_adapter
+
+    model, inputs = ts.build(family), ts.make_inputs(family, 1)
+    with torch.no_grad():
+        out = model(**inputs, output_hidden_states=True)
+        head = get_adapter(model).lm_head(out.hidden_states[-1])
+    scale = compat.logit_scale(model)
+    torch.testing.assert_close(out.logits, head * (1.0 if scale is None else scale), atol=1e-5, rtol=0)
+    scales = {"aya_vision": Version("5.25") <= compat.TRANSFORMERS_VERSION, "cohere2": True, "llama": False}
+    assert (scale is not None) == scales[family]

@@ -13,6 +13,7 @@ and keeps its state.
 from __future__ import annotations
 
 import functools
+import re
 
 import pytest
 import test_skipping as ts
@@ -225,18 +226,38 @@ def test_ragged_rows_continuing_a_linear_state_are_refused():
     assert "\n" not in str(info.value)
 
 
-def test_positions_off_a_skipped_first_attention_layer_are_refused():
-    """transformers reads a hybrid cache's length off its first full-attention layer (1 here): a plan that skips it
-    leaves that layer empty, so a call continuing the cache must pass position_ids (generate() does)."""
+@pytest.mark.parametrize("j", [0, 1])
+def test_continuing_a_cache_without_positions_is_refused_or_exact(j, monkeypatch):
+    """A call that continues a cache without position_ids gets them from transformers, off the cache's length: layer
+    0's (linear attention) from transformers 5.25, the first full-attention layer's (1) before. A plan skipping either
+    layer, on any release: the call is refused in one line, and then the untouched model with that layer an identity
+    does infer wrong positions (the refusal is needed); or it gives the logits of the correct position_ids passed
+    explicitly (those the untouched model infers)."""
     model, inputs = build("qwen3_5_text"), ts.make_inputs("qwen3_5_text", 2)
-    apply_plan(model, Plan.for_model(model, skip_layers=[1]))
-    try:
-        with torch.no_grad():
-            out = model(**inputs, use_cache=True)
-            step = dict(input_ids=torch.ones(2, 1, dtype=torch.long),
-                        attention_mask=torch.cat([inputs["attention_mask"], torch.ones(2, 1, dtype=torch.long)], 1))
-            with pytest.raises(SkipitError, match="the first attention layer's.* pass position_ids") as info:
-                model(**step, **{compat.CACHE_KWARG: compat.output_cache(out)})
-    finally:
-        remove_plan(model)
-    assert "\n" not in str(info.value)
+    one = torch.ones(2, 1, dtype=torch.long)
+    step = dict(input_ids=one, attention_mask=torch.cat([inputs["attention_mask"], one], 1))
+    positions = torch.full((2, 1), inputs["input_ids"].shape[1])  # the prompt ran at 0..width-1 (no position_ids)
+
+    def continued(**kwargs):
+        cache = compat.output_cache(model(**inputs, use_cache=True))
+        return model(**step, **kwargs, **{compat.CACHE_KWARG: cache}).logits
+
+    with torch.no_grad():
+        assert torch.equal(continued(), continued(position_ids=positions))
+        apply_plan(model, Plan.for_model(model, skip_layers=[j]))
+        try:
+            explicit, wrong = continued(position_ids=positions), continued(position_ids=positions + 1)
+            try:
+                inferred, refusal = continued(), None
+            except SkipitError as error:
+                inferred, refusal = None, error
+        finally:
+            remove_plan(model)
+        if refusal is None:
+            torch.testing.assert_close(inferred, explicit, atol=1e-5, rtol=0)
+            assert (wrong - explicit).abs().max() > 1e-2  # positions matter here: the equality says they were right
+            return
+        assert re.fullmatch(r"this plan keeps the cache layer .* pass position_ids when continuing from a cache "
+                            r"\(generate\(\) does\)", str(refusal))  # fmt: skip
+        monkeypatch.setattr(get_adapter(model).layers[j], "forward", lambda hidden_states, *args, **kw: hidden_states)
+        assert (continued() - continued(position_ids=positions)).abs().max() > 1e-2

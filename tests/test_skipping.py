@@ -494,7 +494,7 @@ def reference_logits(model, plan: Plan, x0, pe, vision, kept=None, inject=None, 
     logits = adapter.lm_head(adapter.final_norm(x))
     if cap := getattr(adapter.backbone.config, "final_logit_softcapping", None):  # Gemma 2
         logits = torch.tanh(logits / cap) * cap
-    if isinstance(scale := getattr(model, "logit_scale", None), float):  # Cohere2's causal LM
+    if (scale := compat.logit_scale(model)) is not None:  # Cohere2's causal LM; Aya Vision from transformers 5.25
         logits = logits * scale
     return logits, (kept if entered is None else (entered, kept))
 

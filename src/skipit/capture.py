@@ -25,6 +25,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from skipit import compat
 from skipit.adapters import get_adapter
 from skipit.errors import SkipitError
 from skipit.functional_stats import FunctionalStats
@@ -203,7 +204,14 @@ class Calibrator:
             self._ablate(inputs, ids, hidden, masks, answer, reference, calls)
 
     def _lens_logits(self, x: torch.Tensor) -> torch.Tensor:
-        return self.adapter.lm_head(self.adapter.final_norm(x))
+        """The model's whole head on x: final norm, LM head, then what its forward does to the logits (Gemma 2's
+        soft-cap, Cohere's scale); a lens without them reads other distributions than the model's."""
+        logits = self.adapter.lm_head(self.adapter.final_norm(x))
+        if cap := getattr(self.adapter.backbone.config, "final_logit_softcapping", None):
+            logits = torch.tanh(logits / cap) * cap
+        if (scale := compat.logit_scale(self.model)) is not None:
+            logits = logits * scale
+        return logits
 
     def _logit_lens(self, ids: list, hidden: list[torch.Tensor], answer: torch.Tensor) -> None:
         """KL(P_{j+1} || P_j) and TV between the head's distributions read at X_{j+1} and X_j (what reading X_j

@@ -61,12 +61,12 @@ class PlanRuntime:
             raise SkipitError("a skip plan needs a 2-D attention mask tensor (static caches are not supported)")
         cache = compat.get_cache(inputs)
         state = self.states.get(cache) if cache is not None else None
-        # transformers infers missing positions from the cache length of layer 0 (of the first attention layer, in a
-        # hybrid cache), which a plan may have shortened
+        # transformers infers missing positions from the cache's length, one layer's (which one differs by release, see
+        # compat), and a plan may have left that layer short: asking the cache itself is right on every release
         if state is not None and inputs.get("position_ids") is None and cache.get_seq_length() != state.seen:
             raise SkipitError(
-                "this plan keeps the cache transformers reads the sequence length from (layer 0's, or the first "
-                "attention layer's) shorter than the sequence, so positions cannot be inferred from it: "
+                "this plan keeps the cache layer transformers reads the sequence length from (cache.get_seq_length()) "
+                "shorter than the sequence, so positions cannot be inferred from it: "
                 "pass position_ids when continuing from a cache (generate() does)"
             )
         if state is not None:
