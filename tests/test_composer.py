@@ -169,6 +169,15 @@ def calib(tmp_path_factory):
     return load_records(write_split(tmp_path_factory.mktemp("shapes"), "calibration", n=8))
 
 
+def test_every_calibration_record_given_is_used_half_to_score_half_held_out():
+    """A sweep's --n-calib 64 gives the composer 64 records: it scores with 32 and checks with 32 (it once took the
+    first 16 and 16 and left the rest unused)."""
+    records = list(range(64))
+    assert composer.split_records(records, None, None) == (records[:32], records[32:])
+    assert composer.split_records(records[:7], None, None) == (records[:4], records[4:7])
+    assert composer.split_records(records, 8, None) == (records[:8], records[8:24])  # one given: 16 for the other
+
+
 def test_budget_is_met_on_the_calibration_prompts(tiny_llava, calib):
     model, processor = tiny_llava
     plan = compose_plan(model, processor, calib, budget=0.3, n_score=4, n_heldout=4)

@@ -514,7 +514,8 @@ def sweep(
     step: Annotated[int, typer.Option(help="Layer spacing of the plan grid")] = 3,
     budgets: Annotated[str, typer.Option(help="FLOPs budgets, skipit vs baselines (comma-separated)")] = "0.1,0.2,0.3",
     methods: Annotated[str | None, typer.Option(help="Baselines (comma-separated) [default: all]")] = None,
-    n_calib: Annotated[int, typer.Option(help="How many of them")] = 32,
+    n_calib: Annotated[int, typer.Option(
+        help="How many of them (the composed planner ranks with the first half, checks with the second)")] = 32,
     batch_size: int = 16,
     repeats: Annotated[int, typer.Option(help="Speed measurement rounds per plan")] = 3,
     restart: Annotated[bool, typer.Option(help="Discard the results saved in OUT (else: resume)")] = False,

@@ -610,9 +610,10 @@ def compose_plan(model, processor, records: Sequence, budget: float | None = Non
                  shortlist: int = SHORTLIST, step: int | None = None, batch_size: int = 16, tokens: int = 1,
                  prompt: str = "question") -> Plan:  # fmt: skip
     """The composed functional plan of `model` (module docstring) from calibration `records` (no answers needed):
-    the first `n_score` rank the decisions, the next `n_heldout` measure the composed plans (default: 16 and 16, or
-    half and half of fewer than 32 records). `budget`: the least KL with at least that share of the prefill FLOPs
-    removed; `kappa`: the most FLOPs removed with a held-out KL of at most kappa nats (the default, kappa = 0.02).
+    the first `n_score` rank the decisions, the next `n_heldout` measure the composed plans (default, when neither is
+    given: half and half of the records; when one is, 16 for the other). `budget`: the least KL with at least that
+    share of the prefill FLOPs removed; `kappa`: the most FLOPs removed with a held-out KL of at most kappa nats (the
+    default, kappa = 0.02).
     `tokens`, `prompt`: the KL is the mean over the first `tokens` tokens of the untouched model's greedy reply to
     the records asked `prompt` ("question": their VQA question; "caption": for a caption); see `ModelMeasurer`."""
     check_objective(budget, kappa)
@@ -693,9 +694,10 @@ class Composer:
 
 
 def split_records(records: Sequence, n_score: int | None, n_heldout: int | None) -> tuple[list, list]:
-    """The scoring records (first) and the held-out ones (next); see `compose_plan` for the defaults."""
+    """The scoring records (first) and the held-out ones (next); see `compose_plan` for the defaults (a sweep's
+    `--n-calib 64` is 32 and 32: before, the first 16 and 16, the other 32 records unused)."""
     n = len(records)
-    if n_score is None and n_heldout is None and n < N_SCORE + N_HELDOUT:
+    if n_score is None and n_heldout is None:  # every record given is used
         n_score, n_heldout = (n + 1) // 2, n // 2
     n_score = N_SCORE if n_score is None else n_score
     n_heldout = N_HELDOUT if n_heldout is None else n_heldout
