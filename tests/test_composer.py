@@ -137,7 +137,7 @@ def test_a_budget_just_past_a_fixed_share_is_reached_by_pruning_to_the_share_tha
     assert composer.budget_shares(measurer, EMPTY, pool, quarter - 1e-6) == []  # the fixed share already meets it
 
 
-def test_of_the_plans_that_reach_a_budget_the_one_with_the_least_kl_over_both_sets_is_chosen():
+def test_of_the_plans_that_reach_a_budget_the_one_with_the_least_heldout_kl_is_chosen():
     # skip 4 looks cheaper on the scoring examples, but the held-out examples show it is not: skip 1 is the plan
     score, heldout = {("skip", 4): 0.01, ("skip", 1): 0.02}, {("skip", 4): 0.5, ("skip", 1): 0.02}
     pool = [Decision("skip", 4), Decision("skip", 1)]
@@ -146,6 +146,10 @@ def test_of_the_plans_that_reach_a_budget_the_one_with_the_least_kl_over_both_se
     assert {"skip 4", "skip 1"} <= {p["decisions"][0] for p in record["path"]}
     state, _ = compose(synthetic(score), EMPTY, budget=0.1, pool=pool)  # the same KL on both: the least one
     assert state.decisions == (Decision("skip", 4),)
+    # less KL summed over both sets (0.0 + 0.3 against 0.4 + 0.2), more held out: the held-out examples decide
+    score, heldout = {("skip", 4): 0.0, ("skip", 1): 0.4}, {("skip", 4): 0.3, ("skip", 1): 0.2}
+    state, _ = compose(synthetic(score, heldout=heldout), EMPTY, budget=0.1, pool=pool)
+    assert state.decisions == (Decision("skip", 1),)
 
 
 @pytest.mark.parametrize("kwargs, message", [
