@@ -236,8 +236,9 @@ class Calibrator:
         Layers before j compute what the reference did, so an ablation reruns only layers j..L-1, from the
         captured X_j, with the arguments (masks, positions) the model itself gave each layer: about L/2 layers per
         ablation instead of L. That is exact only when each layer's input is the previous layer's output and the
-        logits are the LM head on the final norm; both are checked on this batch, and a model that does anything
-        else (an injection between layers, a logit soft-cap) gets one full forward per ablation, as before.
+        logits are the model's head on the last layer's output (`_lens_logits`); both are checked on this batch, and a
+        model that does anything else (an injection between layers, a head the lens does not reproduce) gets one full
+        forward per ablation.
         """
         rerun = calls.replays(hidden) and torch.allclose(
             self._head(hidden[-1], answer).float(), reference.float(), rtol=1e-4, atol=1e-4)
