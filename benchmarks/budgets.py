@@ -1,0 +1,106 @@
+"""skipit's composed plans and the chosen baselines at FLOPs budgets, and nothing else: the budget rows of a sweep.
+
+    python benchmarks/budgets.py ~/.cache/skipit/mini-llava-v3 --data ~/.cache/skipit/shapes/test --n 1200 \
+        --calib ~/.cache/skipit/shapes/calibration --n-calib 64 --analysis runs/demo-v3 \
+        --budgets 0.1,0.15,0.2,0.3,0.4,0.5 --methods divprune --out runs/pareto-1200-v5
+
+`skipit sweep` also scores the plan grid and skipit's condition plans (a dozen more plans, 3-5 min each on 1,200
+questions on a 2-core CPU); this plans what the sweep plans at each budget (`sweep.compared_plans`: the composed
+planner's `skipit@B` and the baselines' `METHOD@B`, plus the composed `--kappa` plan, `skipit+composed`) and scores
+only those and the untouched model, untimed (accuracy and FLOPs), with the sweep's own `sweep.run` into --out. A
+rerun resumes: saved composed plans the planner would make again are not searched again, scored plans are not
+scored again (so a second run with more --methods scores only theirs). Prints each plan's accuracy kept and skipit's
+gain over each method at the same budget, with paired 95 % intervals and McNemar's p.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from skipit.analysis import Analysis
+from skipit.data.jsonl import load_records
+from skipit.errors import SkipitError
+from skipit.evaluation import sweep
+from skipit.evaluation.run import load_vlm, parse_budgets, parse_methods
+from skipit.intervals import paired
+from skipit.plan import Plan
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("model")
+    ap.add_argument("--data", required=True, help="scored VQA records")
+    ap.add_argument("--n", type=int, help="score only the first N records")
+    ap.add_argument("--calib", required=True, help="calibration records (the composer and the baselines plan on them)")
+    ap.add_argument("--n-calib", type=int, default=64,
+                    help="first N calibration records (half score, half held out)")
+    ap.add_argument("--analysis", required=True, help="an analysis of the model (the baselines that read one)")
+    ap.add_argument("--budgets", default="0.1,0.2,0.3,0.4,0.5")
+    ap.add_argument("--methods", default="divprune", help="baselines, comma-separated")
+    ap.add_argument("--out", required=True, type=Path)
+    args = ap.parse_args()
+
+    budgets, methods = parse_budgets(args.budgets), parse_methods(args.methods)
+    result = Analysis.load(args.analysis).result
+    records = load_records(args.data, limit=args.n)
+    calib = load_records(args.calib, limit=args.n_calib)
+    model, processor = load_vlm(args.model, None)
+    from skipit.composer import Composer
+
+    encoded = sweep.speed_batch(model, processor, records)
+    print(f"planning {len(budgets)} budgets, skipit and {', '.join(methods)}", flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    measured = [0]
+
+    def count() -> None:  # the composed search measures hundreds of plans: a line every 50, for a log
+        measured[0] += 1
+        if measured[0] % 50 == 0:
+            print(f"{measured[0]} plans measured", flush=True)
+
+    composer = Composer(model, processor, calib, on_measure=count)
+    compared = sweep.compared_plans(model, processor, calib, result, encoded, budgets, methods, composer=composer,
+                                    saved=sweep.saved_plans(args.out))
+    plans = {"empty": ("empty", Plan.for_model(model))}  # the reference every plan is paired with
+    plans |= {name: compared[name] for b in budgets for m in ("skipit", *methods)
+              if (name := f"{m}@{b:g}") in compared}  # fmt: skip
+    plans["skipit+composed"] = compared["skipit+composed"]
+    sweep.save_planned(args.out, plans)
+    sweep.run(model, processor, records, args.out, plans, analysis=None, repeats=1, encoded=encoded,
+              on_plan=lambda name: print(f"scored {name}", flush=True), timed=lambda name: False)
+    print_table(args.out, plans)
+    return 0
+
+
+def print_table(out: Path, plans: dict) -> None:
+    import json
+
+    rows = {name: json.loads((out / "plans" / f"{name}.json").read_text()) for name in plans}
+    reference = rows.pop("empty")
+    order = [p["id"] for p in reference["predictions"]]
+
+    def correct(row: dict) -> list[float]:
+        by_id = {p["id"]: float(p["correct"]) for p in row["predictions"]}
+        return [by_id[i] for i in order]
+
+    base = correct(reference)
+    print(f"\nreference accuracy {reference['accuracy']:.4f} on {len(base)} questions\n")
+    print("| plan | FLOPs removed | accuracy kept [95 % CI] | skipit's gain, points [95 % CI] | McNemar p |")
+    print("|---|---:|---:|---:|---:|")
+    for name, row in rows.items():
+        kept = paired(base, correct(row)).kept
+        gain, p = "–", "–"
+        if "@" in name and not name.startswith("skipit@") and f"skipit@{name.split('@')[1]}" in rows:
+            versus = paired(correct(row), correct(rows[f"skipit@{name.split('@')[1]}"]))
+            d = versus.difference
+            gain, p = f"{100 * d.value:+.1f} [{100 * d.low:+.1f}, {100 * d.high:+.1f}]", f"{versus.mcnemar_p:.2g}"
+        print(f"| {name} | {100 * row['flops_removed']:.1f}% | {100 * kept.value:.1f}% "
+              f"[{100 * kept.low:.1f}, {100 * kept.high:.1f}] | {gain} | {p} |")  # fmt: skip
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except SkipitError as e:
+        sys.exit(f"error: {e}")
