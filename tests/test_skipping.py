@@ -57,6 +57,7 @@ from skipit.adapters import get_adapter
 from skipit.errors import SkipitError
 from skipit.plan import Plan
 from skipit.skipping import SkipLayer, applied_plan, apply_plan, remove_plan
+from skipit.skipping.rankers import TIE
 
 VOCAB, IMAGE, VIDEO, V_START, V_END = 96, 95, 94, 92, 93
 SPECIAL = [IMAGE, VIDEO, V_START, V_END]
@@ -436,7 +437,9 @@ def reference_divprune(x0, vision, share: float) -> torch.Tensor:
             scores = torch.topk(distance, 2, dim=0, largest=False).values[1] if len(tokens) > 1 else distance[0]
         else:
             scores = distance[chosen].min(dim=0).values
-        chosen.append(int(scores.argmax()))
+        scores[chosen] = -math.inf
+        # ties within rounding go to the earliest token (duplicate tokens' distances differ only by rounding)
+        chosen.append(int(torch.nonzero(scores >= scores.max() - TIE)[0, 0]))
     return tokens[chosen]
 
 

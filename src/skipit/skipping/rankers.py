@@ -83,13 +83,17 @@ def dart_keep(states: torch.Tensor, key_norms: torch.Tensor, vision: torch.Tenso
     return kept
 
 
+TIE = 1e-6  # DivPrune scores closer than this are a tie (1 - cos between duplicates is rounding noise, ~1e-7)
+
+
 def divprune_keep(states: torch.Tensor, vision: torch.Tensor, share: float) -> torch.Tensor:
     """DivPrune: keep a max-min diverse subset of the vision tokens, chosen greedily on cosine distance.
 
     `states` (batch, seq, dim): DivPrune's are the input embeddings (the projected image features as the language
     model receives them). With d = 1 - cos between a row's vision tokens, the first token chosen is the one farthest
     from its nearest neighbour; each next one is the token farthest from the chosen set (the largest distance to its
-    nearest chosen token); ties go to the earliest token. A token is never chosen twice.
+    nearest chosen token); ties (scores within `TIE`, float rounding apart) go to the earliest token. A token is
+    never chosen twice.
     """
     B, T = vision.shape
     counts = vision.sum(1)
@@ -113,7 +117,10 @@ def divprune_keep(states: torch.Tensor, vision: torch.Tensor, share: float) -> t
     target = torch.tensor(kept_counts(vision, share), device=vision.device)
     score = nearest
     for i in range(int(target.max())):
-        pick = score.masked_fill(chosen | ~real, -math.inf).argmax(1)
+        free = score.masked_fill(chosen | ~real, -math.inf)
+        # the earliest of the tokens within TIE of the largest: exact duplicates (LLaVA-OneVision's image-newline
+        # tokens) measure distances that differ only by float rounding, which differs between CPUs and kernels
+        pick = (free >= free.amax(1, keepdim=True) - TIE).to(torch.int8).argmax(1)
         chosen[rows, pick] |= i < target
         step = distance[rows, pick]  # distance of every token to the one just chosen
         score = step if i == 0 else torch.minimum(score, step)
