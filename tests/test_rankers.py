@@ -167,4 +167,3 @@ def test_dart_counts_and_pivots_follow_the_row():
     assert kept.sum(1).tolist() == [6, 3] and not (kept & ~vision).any()
     top = torch.nonzero(vision[0])[:, 0][norms[0, 1:9].argsort(descending=True)[:4]]
     assert kept[0, top].all()  # the four vision pivots are kept
-
