@@ -78,11 +78,9 @@ def print_table(out: Path, plans: dict) -> None:
 
     rows = {name: json.loads((out / "plans" / f"{name}.json").read_text()) for name in plans}
     reference = rows.pop("empty")
-    order = [p["id"] for p in reference["predictions"]]
 
-    def correct(row: dict) -> list[float]:
-        by_id = {p["id"]: float(p["correct"]) for p in row["predictions"]}
-        return [by_id[i] for i in order]
+    def correct(row: dict) -> list[float]:  # right or wrong per question, in the reference's order
+        return sweep._correct(row, reference)
 
     base = correct(reference)
     print(f"\nreference accuracy {reference['accuracy']:.4f} on {len(base)} questions\n")
