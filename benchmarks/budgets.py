@@ -9,8 +9,9 @@ questions on a 2-core CPU); this plans what the sweep plans at each budget (`swe
 planner's `skipit@B` and the baselines' `METHOD@B`, plus the composed `--kappa` plan, `skipit+composed`) and scores
 only those and the untouched model, untimed (accuracy and FLOPs), with the sweep's own `sweep.run` into --out. A
 rerun resumes: saved composed plans the planner would make again are not searched again, scored plans are not
-scored again (so a second run with more --methods scores only theirs). Prints each plan's accuracy kept and skipit's
-gain over each method at the same budget, with paired 95 % intervals and McNemar's p.
+scored again (so a second run with more --methods scores only theirs). Prints, for every plan scored in --out,
+its accuracy kept and skipit's gain over each method at the same budget, with paired 95 % intervals and McNemar's p,
+and each method's largest cut keeping 99 % of the reference's accuracy; `--table` prints that and nothing else.
 """
 
 from __future__ import annotations
@@ -30,17 +31,24 @@ from skipit.plan import Plan
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("model")
-    ap.add_argument("--data", required=True, help="scored VQA records")
+    ap.add_argument("model", nargs="?", help="the model (not needed with --table)")
+    ap.add_argument("--data", help="scored VQA records")
     ap.add_argument("--n", type=int, help="score only the first N records")
-    ap.add_argument("--calib", required=True, help="calibration records (the composer and the baselines plan on them)")
+    ap.add_argument("--calib", help="calibration records (the composer and the baselines plan on them)")
     ap.add_argument("--n-calib", type=int, default=64,
                     help="first N calibration records (half score, half held out)")
-    ap.add_argument("--analysis", required=True, help="an analysis of the model (the baselines that read one)")
+    ap.add_argument("--analysis", help="an analysis of the model (the baselines that read one)")
     ap.add_argument("--budgets", default="0.1,0.2,0.3,0.4,0.5")
     ap.add_argument("--methods", default="divprune", help="baselines, comma-separated")
     ap.add_argument("--out", required=True, type=Path)
+    ap.add_argument("--table", action="store_true", help="only print the table of the plans scored in --out")
     args = ap.parse_args()
+    if args.table:
+        print_table(args.out)
+        return 0
+    if missing := [f"--{k}" if k != "model" else "MODEL" for k in ("model", "data", "calib", "analysis")
+                   if getattr(args, k) is None]:  # fmt: skip
+        ap.error(f"{', '.join(missing)} needed (all but --out are optional only with --table)")
 
     budgets, methods = parse_budgets(args.budgets), parse_methods(args.methods)
     result = Analysis.load(args.analysis).result
@@ -69,14 +77,22 @@ def main() -> int:
     sweep.save_planned(args.out, plans)
     sweep.run(model, processor, records, args.out, plans, analysis=None, repeats=1, encoded=encoded,
               on_plan=lambda name: print(f"scored {name}", flush=True), timed=lambda name: False)
-    print_table(args.out, plans)
+    print_table(args.out)
     return 0
 
 
-def print_table(out: Path, plans: dict) -> None:
+def print_table(out: Path) -> None:
+    """Every plan scored in OUT (this run's and earlier runs' into it), by budget, skipit's first at each."""
     import json
 
-    rows = {name: json.loads((out / "plans" / f"{name}.json").read_text()) for name in plans}
+    def order(name: str) -> tuple:
+        method, _, budget = name.partition("@")
+        return (name != "empty", not budget, float(budget or 0), method != "skipit", method)
+
+    names = sorted((path.stem for path in (out / "plans").glob("*.json")), key=order)
+    if "empty" not in names:
+        raise SkipitError(f"no untouched model's result in {out / 'plans'}: score the plans first (without --table)")
+    rows = {name: json.loads((out / "plans" / f"{name}.json").read_text()) for name in names}
     reference = rows.pop("empty")
 
     def correct(row: dict) -> list[float]:  # right or wrong per question, in the reference's order
@@ -95,6 +111,11 @@ def print_table(out: Path, plans: dict) -> None:
             gain, p = f"{100 * d.value:+.1f} [{100 * d.low:+.1f}, {100 * d.high:+.1f}]", f"{versus.mcnemar_p:.2g}"
         print(f"| {name} | {100 * row['flops_removed']:.1f}% | {100 * kept.value:.1f}% "
               f"[{100 * kept.low:.1f}, {100 * kept.high:.1f}] | {gain} | {p} |")  # fmt: skip
+    kept = {name: paired(base, correct(row)).kept.value for name, row in rows.items()}
+    print(f"\nlargest cut keeping {sweep.KEPT_LEVEL:.0%} (point estimate), of the budgets scored here:")
+    for method in dict.fromkeys(name.split("@")[0] for name in rows if "@" in name):
+        cuts = [rows[n]["flops_removed"] for n in rows if n.startswith(f"{method}@") and kept[n] >= sweep.KEPT_LEVEL]
+        print(f"- {method}: " + (f"{100 * max(cuts):.1f}%" if cuts else "none"))
 
 
 if __name__ == "__main__":
