@@ -102,8 +102,13 @@ def print_table(out: Path) -> None:
     print(f"\nreference accuracy {reference['accuracy']:.4f} on {len(base)} questions\n")
     print("| plan | FLOPs removed | accuracy kept [95 % CI] | skipit's gain, points [95 % CI] | McNemar p |")
     print("|---|---:|---:|---:|---:|")
+    budget_rows = []  # the rows `sweep.largest_cut_kept` reads
     for name, row in rows.items():
         kept = paired(base, correct(row)).kept
+        if "@" in name:
+            method, _, budget = name.partition("@")
+            budget_rows.append({"method": method, "budget": float(budget), "flops_removed": row["flops_removed"],
+                                "accuracy_kept": kept.value, "accuracy_kept_ci": [kept.low, kept.high]})  # fmt: skip
         gain, p = "–", "–"
         if "@" in name and not name.startswith("skipit@") and f"skipit@{name.split('@')[1]}" in rows:
             versus = paired(correct(row), correct(rows[f"skipit@{name.split('@')[1]}"]))
@@ -111,11 +116,9 @@ def print_table(out: Path) -> None:
             gain, p = f"{100 * d.value:+.1f} [{100 * d.low:+.1f}, {100 * d.high:+.1f}]", f"{versus.mcnemar_p:.2g}"
         print(f"| {name} | {100 * row['flops_removed']:.1f}% | {100 * kept.value:.1f}% "
               f"[{100 * kept.low:.1f}, {100 * kept.high:.1f}] | {gain} | {p} |")  # fmt: skip
-    kept = {name: paired(base, correct(row)).kept.value for name, row in rows.items()}
     print(f"\nlargest cut keeping {sweep.KEPT_LEVEL:.0%} (point estimate), of the budgets scored here:")
-    for method in dict.fromkeys(name.split("@")[0] for name in rows if "@" in name):
-        cuts = [rows[n]["flops_removed"] for n in rows if n.startswith(f"{method}@") and kept[n] >= sweep.KEPT_LEVEL]
-        print(f"- {method}: " + (f"{100 * max(cuts):.1f}%" if cuts else "none"))
+    for cut in sweep.largest_cut_kept(budget_rows):
+        print(f"- {cut['method']}: " + (f"{100 * cut['flops_removed']:.1f}%" if cut["budget"] is not None else "none"))
 
 
 if __name__ == "__main__":
