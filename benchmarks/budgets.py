@@ -105,13 +105,13 @@ def print_table(out: Path) -> None:
     budget_rows = []  # the rows `sweep.largest_cut_kept` reads
     for name, row in rows.items():
         kept = paired(base, correct(row)).kept
-        if "@" in name:
-            method, _, budget = name.partition("@")
+        method, _, budget = name.partition("@")
+        if budget:
             budget_rows.append({"method": method, "budget": float(budget), "flops_removed": row["flops_removed"],
                                 "accuracy_kept": kept.value, "accuracy_kept_ci": [kept.low, kept.high]})  # fmt: skip
         gain, p = "–", "–"
-        if "@" in name and not name.startswith("skipit@") and f"skipit@{name.split('@')[1]}" in rows:
-            versus = paired(correct(row), correct(rows[f"skipit@{name.split('@')[1]}"]))
+        if budget and method != "skipit" and f"skipit@{budget}" in rows:
+            versus = paired(correct(row), correct(rows[f"skipit@{budget}"]))
             d = versus.difference
             gain, p = f"{100 * d.value:+.1f} [{100 * d.low:+.1f}, {100 * d.high:+.1f}]", f"{versus.mcnemar_p:.2g}"
         print(f"| {name} | {100 * row['flops_removed']:.1f}% | {100 * kept.value:.1f}% "
