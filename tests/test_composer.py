@@ -67,6 +67,18 @@ def test_the_composed_measurement_decides_not_the_decision_alone():
     assert state.steps[1]["added"]["kl"] == pytest.approx(4e-3)
 
 
+def test_kappa_passes_over_a_child_that_breaks_it_for_the_next_that_fits():
+    # skip 1 looks cheap on the scoring examples (it comes second) but costs 1 nat held out: the search tries the
+    # next child in its place instead of stopping there, and goes on to the plan without it
+    measurer = synthetic(CHEAP | {("skip", 1): 1e-3}, heldout=CHEAP)
+    state, record = compose(measurer, EMPTY, kappa=0.01, pool=POOL)
+    assert state.decisions == (Decision("freeze", 3), Decision("skip", 4), Decision("exit", 4))
+    assert state.heldout_kl == pytest.approx(1e-4 + 2e-3 + 4e-3)
+    tried = [p["decisions"] for p in record["path"]]
+    assert tried[:3] == [["freeze 3"], ["freeze 3", "skip 1"], ["freeze 3", "skip 4"]]  # skip 1 tried, passed over
+    assert all(p["kl_heldout"] <= 0.01 for p in record["path"] if "skip 1" not in p["decisions"])
+
+
 def test_budget_takes_the_first_plan_that_meets_it_and_kappa_the_most_under_it():
     measurer = synthetic(CHEAP)
     two = EMPTY.with_decisions(frozen_vision_layers=[3], skip_layers=[4])

@@ -27,8 +27,11 @@ The search, top to bottom in `compose`:
    does one whose KL on the scoring examples is already above a finished plan's; of the finished plans, the one
    with the least held-out KL is the plan (an error when none is); its pruning shares are
    then raised to the largest that still meet F (it may pass F by a whole decision), if that measures less KL.
-   `kappa` K: a plan whose held-out KL exceeds K does not go on; the plan is the one with the most FLOPs removed
-   among those whose held-out KL stayed at most K (the empty plan when no decision does).
+   `kappa` K: a child whose held-out KL exceeds K does not go on, and the next child in the same order is tried in
+   its place (up to the shortlist): the search stops when none of them stays within K, not at the first that
+   breaks it (on mini-llava v3 the greedy child at 14.9 % broke K while smaller decisions still fitted). The plan
+   is the one with the most FLOPs removed among those whose held-out KL stayed at most K (the empty plan when no
+   decision does).
 
 The plan's evidence holds the held-out KL of the composed plan with a bootstrap interval over examples, each
 decision in the order it joined (its KL alone, what it added, the composed plan's KL on both sets and FLOPs
@@ -60,7 +63,7 @@ from skipit.skipping import apply_plan, remove_plan
 KAPPA = 0.02  # nats: the composed KL allowed when no budget is given (the functional planner's Pinsker argument)
 KEEP_SHARES = (0.75, 0.5, 0.25, 0.125)  # the vision-token shares a pruning decision may keep
 SEEDS = 2  # with a budget, the search also grows from this many large decisions alone (see `compose`)
-SEARCH_VERSION = 5  # changes when the search itself does (a saved plan of another version is searched again)
+SEARCH_VERSION = 6  # changes when the search itself does (a saved plan of another version is searched again)
 NEAR_BUDGET = 0.9  # ... and from the least-KL decision that alone removes at least this share of the budget
 N_SCORE, N_HELDOUT = 16, 16  # calibration examples that rank the decisions, and those that check the composed plan
 SHORTLIST, BEAM = 6, 1
@@ -453,19 +456,34 @@ def _children(measurer: Measurer, empty: Plan, state: State, ranking: Sequence[A
 
 
 def _next_beam(measurer: Measurer, empty: Plan, frontier: Sequence[State], ranking: Sequence[Alone],
-               shortlist: int, beam: int) -> list[State]:  # fmt: skip
+               shortlist: int, beam: int, fits: Callable[[State], bool] = lambda c: True) -> list[State]:  # fmt: skip
     """The plans that go on: each current plan's child with the least added KL per added FLOP (so each plan goes
     on greedily, and with `beam` 1 this is the greedy rule), then, up to `beam` plans, the other children with the
-    least added KL per FLOP. A plan reached from two current plans counts once."""
+    least added KL per FLOP. A plan reached from two current plans counts once. A child that does not `fit` (with
+    kappa: its held-out KL is above it) is passed over for the next in the same order; `fits` is asked only of the
+    children that would otherwise go on, in order, since with kappa it runs the plan on the held-out examples."""
     def order(c: State):
         return c.ratio, -c.saving
 
     families = [sorted(_children(measurer, empty, state, ranking, shortlist), key=order) for state in frontier]
-    kept, seen = [], set()
-    for child in [f[0] for f in families if f] + sorted((c for f in families for c in f[1:]), key=order):
-        if len(kept) < beam and (key := _key(child.plan)) not in seen:
-            kept.append(child)
-            seen.add(key)
+    kept, seen, rest = [], set(), []
+
+    def take(children: Sequence[State], one: bool) -> None:  # in order; `one`: stop at the first taken
+        for i, child in enumerate(children):
+            if len(kept) == beam:
+                return
+            if (key := _key(child.plan)) in seen:
+                continue
+            seen.add(key)  # asked once, whether it fits or not
+            if fits(child):
+                kept.append(child)
+                if one:
+                    rest.extend(children[i + 1:])
+                    return
+
+    for family in families:
+        take(family, one=True)
+    take(sorted(rest, key=order), one=False)
     return kept
 
 
@@ -493,7 +511,7 @@ def compose(measurer: Measurer, empty: Plan, budget: float | None = None, kappa:
     root = State(empty, heldout=measurer.kl(empty, "heldout"))
     finished, feasible, path = [], [root], []
 
-    def measured(kept: list[State]) -> list[State]:  # each plan that goes on, on the held-out examples
+    def measured(kept: list[State]) -> list[State]:  # each plan that goes on (or, with kappa, is tried), held out
         for child in kept:
             child.heldout = measurer.kl(child.plan, "heldout")
             composed = {"kl_score": _r(child.kl), "kl_heldout": _r(child.heldout_kl), "flops_removed": _r(child.saving)}
@@ -501,14 +519,17 @@ def compose(measurer: Measurer, empty: Plan, budget: float | None = None, kappa:
             path.append({"decisions": [d.name for d in child.decisions], **composed})
         return kept
 
+    def fits(child: State) -> bool:  # with kappa, a child above it is passed over for the next (`_next_beam`)
+        return budget is not None or measured([child])[0].heldout_kl <= kappa
+
     def goes_on(kept: list[State]) -> list[State]:
         nonlocal finished
         if budget is not None:
             finished += [c for c in kept if c.saving >= budget]
             best = min((c.kl for c in finished), default=math.inf)
             return [c for c in kept if c.saving < budget and c.kl < best]
-        feasible.extend(c for c in kept if c.heldout_kl <= kappa)
-        return [c for c in kept if c.heldout_kl <= kappa]
+        feasible.extend(kept)  # each within kappa (`fits`)
+        return kept
 
     # With a budget, the search also grows from the `seeds` decisions that alone remove at least half of it at the
     # least KL: ranked by KL per FLOP, such a decision (most vision tokens pruned, say) comes after many small ones,
@@ -526,7 +547,8 @@ def compose(measurer: Measurer, empty: Plan, budget: float | None = None, kappa:
     for start in [None, *big]:
         frontier = [root] if start is None else goes_on(measured([_seed(empty, start)]))
         while frontier:
-            frontier = goes_on(measured(_next_beam(measurer, empty, frontier, ranking, shortlist, beam)))
+            children = _next_beam(measurer, empty, frontier, ranking, shortlist, beam, fits)
+            frontier = goes_on(measured(children) if budget is not None else children)
     record = {"alone": ranking, "path": path}
     if budget is not None:
         if not finished:
