@@ -456,12 +456,12 @@ def _children(measurer: Measurer, empty: Plan, state: State, ranking: Sequence[A
 
 
 def _next_beam(measurer: Measurer, empty: Plan, frontier: Sequence[State], ranking: Sequence[Alone],
-               shortlist: int, beam: int, fits: Callable[[State], bool] = lambda c: True) -> list[State]:  # fmt: skip
+               shortlist: int, beam: int, fits: Callable[[State], bool]) -> list[State]:  # fmt: skip
     """The plans that go on: each current plan's child with the least added KL per added FLOP (so each plan goes
     on greedily, and with `beam` 1 this is the greedy rule), then, up to `beam` plans, the other children with the
     least added KL per FLOP. A plan reached from two current plans counts once. A child that does not `fit` (with
     kappa: its held-out KL is above it) is passed over for the next in the same order; `fits` is asked only of the
-    children that would otherwise go on, in order, since with kappa it runs the plan on the held-out examples."""
+    children that would otherwise go on, in order, since it runs the plan on the held-out examples."""
     def order(c: State):
         return c.ratio, -c.saving
 
@@ -519,8 +519,9 @@ def compose(measurer: Measurer, empty: Plan, budget: float | None = None, kappa:
             path.append({"decisions": [d.name for d in child.decisions], **composed})
         return kept
 
-    def fits(child: State) -> bool:  # with kappa, a child above it is passed over for the next (`_next_beam`)
-        return budget is not None or measured([child])[0].heldout_kl <= kappa
+    def fits(child: State) -> bool:  # measured held out; with kappa, a child above it is passed over (`_next_beam`)
+        heldout_kl = measured([child])[0].heldout_kl
+        return budget is not None or heldout_kl <= kappa
 
     def goes_on(kept: list[State]) -> list[State]:
         nonlocal finished
@@ -547,8 +548,7 @@ def compose(measurer: Measurer, empty: Plan, budget: float | None = None, kappa:
     for start in [None, *big]:
         frontier = [root] if start is None else goes_on(measured([_seed(empty, start)]))
         while frontier:
-            children = _next_beam(measurer, empty, frontier, ranking, shortlist, beam, fits)
-            frontier = goes_on(measured(children) if budget is not None else children)
+            frontier = goes_on(_next_beam(measurer, empty, frontier, ranking, shortlist, beam, fits))
     record = {"alone": ranking, "path": path}
     if budget is not None:
         if not finished:
