@@ -511,16 +511,15 @@ def compose(measurer: Measurer, empty: Plan, budget: float | None = None, kappa:
     root = State(empty, heldout=measurer.kl(empty, "heldout"))
     finished, feasible, path = [], [root], []
 
-    def measured(kept: list[State]) -> list[State]:  # each plan that goes on (or, with kappa, is tried), held out
-        for child in kept:
-            child.heldout = measurer.kl(child.plan, "heldout")
-            composed = {"kl_score": _r(child.kl), "kl_heldout": _r(child.heldout_kl), "flops_removed": _r(child.saving)}
-            child.steps[-1]["composed"] = composed
-            path.append({"decisions": [d.name for d in child.decisions], **composed})
-        return kept
+    def measured(child: State) -> State:  # each plan that goes on (or, with kappa, is tried), held out
+        child.heldout = measurer.kl(child.plan, "heldout")
+        composed = {"kl_score": _r(child.kl), "kl_heldout": _r(child.heldout_kl), "flops_removed": _r(child.saving)}
+        child.steps[-1]["composed"] = composed
+        path.append({"decisions": [d.name for d in child.decisions], **composed})
+        return child
 
     def fits(child: State) -> bool:  # measured held out; with kappa, a child above it is passed over (`_next_beam`)
-        heldout_kl = measured([child])[0].heldout_kl
+        heldout_kl = measured(child).heldout_kl
         return budget is not None or heldout_kl <= kappa
 
     def goes_on(kept: list[State]) -> list[State]:
@@ -546,7 +545,7 @@ def compose(measurer: Measurer, empty: Plan, budget: float | None = None, kappa:
         big = least_kl(0.5, seeds)
         big += [a for a in least_kl(NEAR_BUDGET, 1) if a not in big]
     for start in [None, *big]:
-        frontier = [root] if start is None else goes_on(measured([_seed(empty, start)]))
+        frontier = [root] if start is None else goes_on([measured(_seed(empty, start))])
         while frontier:
             frontier = goes_on(_next_beam(measurer, empty, frontier, ranking, shortlist, beam, fits))
     record = {"alone": ranking, "path": path}
