@@ -55,7 +55,7 @@ def main() -> int:
     records = load_records(args.data, limit=args.n)
     calib = load_records(args.calib, limit=args.n_calib)
     model, processor = load_vlm(args.model, None)
-    from skipit.composer import Composer
+    from skipit.composer import MEASUREMENTS, Composer
 
     encoded = sweep.speed_batch(model, processor, records)
     print(f"planning {len(budgets)} budgets, skipit and {', '.join(methods)}", flush=True)
@@ -67,7 +67,7 @@ def main() -> int:
         if measured[0] % 50 == 0:
             print(f"{measured[0]} plans measured", flush=True)
 
-    composer = Composer(model, processor, calib, on_measure=count)
+    composer = Composer(model, processor, calib, on_measure=count, store=args.out / MEASUREMENTS)  # resumable
     compared = sweep.compared_plans(model, processor, calib, result, encoded, budgets, methods, composer=composer,
                                     saved=sweep.saved_plans(args.out))
     plans = {"empty": ("empty", Plan.for_model(model))}  # the reference every plan is paired with

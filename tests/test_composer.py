@@ -265,6 +265,55 @@ def test_kappa_heldout_kl_is_at_most_kappa_and_recomputes(tiny_llava, calib, tmp
     assert loaded.to_dict() == plan.to_dict() and loaded.evidence == json.loads(json.dumps(ev))
 
 
+def test_kls_kept_in_a_file_are_read_back_under_the_same_context_only(tmp_path):
+    store, context = tmp_path / "measurements.jsonl", {"model": "m", "records": "r"}
+    runs = []
+
+    def counting(context: dict) -> Measurer:
+        inner = synthetic(CHEAP)
+
+        def kl_of(plan, split):
+            runs.append((split, plan.fingerprint))
+            return inner._kl(plan, split)
+
+        m = Measurer(kl_of, inner.saving)
+        m.keep_in(store, context)
+        return m
+
+    first = counting(context)
+    state, _ = compose(first, EMPTY, kappa=0.01, pool=POOL)
+    n = len(runs)
+    assert n > 0 and first.reused == 0 and sum(first.measured.values()) == n
+    store.write_text(store.read_text() + '{"context": "cut sh')  # a run stopped mid-line
+    again = counting(context)
+    resumed, _ = compose(again, EMPTY, kappa=0.01, pool=POOL)
+    assert len(runs) == n and again.reused == n and again.measured == first.measured  # nothing ran
+    assert resumed.decisions == state.decisions and resumed.heldout == state.heldout
+    other = counting(context | {"records": "other"})
+    compose(other, EMPTY, kappa=0.01, pool=POOL)
+    assert len(runs) == 2 * n and other.reused == 0  # another context measures again, and appends
+
+
+def test_a_composer_with_a_store_searches_the_same_plan_again_without_the_model(tiny_llava, calib, tmp_path,
+                                                                                 monkeypatch):
+    model, processor = tiny_llava
+    store = tmp_path / composer.MEASUREMENTS
+    settings = dict(n_score=4, n_heldout=4, shortlist=3, store=store)
+    plan = composer.Composer(model, processor, calib, **settings).plan(kappa=2e-3)
+    assert plan.evidence["search"]["plans_read_back"] == 0 and store.is_file()
+
+    def refuse(self, plan, split):
+        raise AssertionError("the model ran for a KL kept in the store")
+
+    monkeypatch.setattr(composer.ModelMeasurer, "_measure_kl", refuse)
+    again = composer.Composer(model, processor, calib, **settings).plan(kappa=2e-3)
+    assert again.to_dict() | {"evidence": None} == plan.to_dict() | {"evidence": None}
+    assert again.evidence["kl"] == plan.evidence["kl"] and again.evidence["decisions"] == plan.evidence["decisions"]
+    assert again.evidence["search"]["plans_read_back"] == sum(plan.evidence["search"]["plans_measured"].values())
+    with pytest.raises(AssertionError, match="the model ran"):  # other records: measured again
+        composer.Composer(model, processor, calib[::-1], **settings).plan(kappa=2e-3)
+
+
 def test_make_plan_composed_checks_what_it_is_given(tiny_llava, calib, make_run):
     from skipit.planner import make_plan
     from skipit.result import load

@@ -397,8 +397,11 @@ def test_a_sweep_stopped_while_it_scores_keeps_its_search(tiny_llava_dir, tmp_pa
     assert searched == []  # the saved composed plans were taken, not searched again
     rows = {r["name"]: r["plan"] for r in summary["plans"]}
     assert rows["skipit@0.2"] == planned["skipit@0.2"] and rows["skipit+composed"] == planned["skipit+composed"]
-    sweep_model(tiny_llava_dir, test, out, restart=True, **args)  # a restart searches again
+    assert (out / composer.MEASUREMENTS).is_file()  # and its KLs
+    restarted = sweep_model(tiny_llava_dir, test, out, restart=True, **args)  # a restart searches again ...
     assert len(searched) == 2
+    plan = next(r["plan"] for r in restarted["plans"] if r["name"] == "skipit@0.2")
+    assert plan["evidence"]["search"]["plans_read_back"] == 0  # ... measuring every plan again
 
 
 def test_a_composer_knows_its_own_plans(tiny_llava, setup):

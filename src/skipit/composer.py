@@ -50,6 +50,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
+import transformers
 from transformers import DynamicCache
 
 from skipit.errors import SkipitError
@@ -64,6 +65,8 @@ KAPPA = 0.02  # nats: the composed KL allowed when no budget is given (the funct
 KEEP_SHARES = (0.75, 0.5, 0.25, 0.125)  # the vision-token shares a pruning decision may keep
 SEEDS = 2  # with a budget, the search also grows from this many large decisions alone (see `compose`)
 SEARCH_VERSION = 6  # changes when the search itself does (a saved plan of another version is searched again)
+MEASURE_VERSION = 1  # changes when what a plan's KL is does (KLs kept in a file under another are measured again)
+MEASUREMENTS = "measurements.jsonl"  # the file a run folder keeps its composed search's KLs in (`Measurer.keep_in`)
 NEAR_BUDGET = 0.9  # ... and from the least-KL decision that alone removes at least this share of the budget
 N_SCORE, N_HELDOUT = 16, 16  # calibration examples that rank the decisions, and those that check the composed plan
 SHORTLIST, BEAM = 6, 1
@@ -199,19 +202,51 @@ def candidates(num_layers: int, step: int | None = None, keep_shares: Sequence[f
 
 class Measurer:
     """Measures plans: `kl(plan, split)` per example of the "score" or "heldout" records, `saving(plan)` the share
-    of prefill FLOPs removed. Results are kept per plan, so a plan is measured once per split."""
+    of prefill FLOPs removed. Results are kept per plan, so a plan is measured once per split; with `keep_in`, also
+    in a file, so a search run again (a sweep resumed, more budgets) reads them instead of running the model."""
 
     def __init__(self, kl: Callable[[Plan, str], list[float]], saving: Callable[[Plan], float]):
         self._kl, self._saving = kl, saving
         self._cache: dict = {}
-        self.measured = {"score": 0, "heldout": 0}  # plans run on each split
+        self._stored: dict = {}  # read from the file, not yet asked for
+        self._store: tuple | None = None  # (path, context digest)
+        self.measured = {"score": 0, "heldout": 0}  # plans the search asked for on each split
+        self.reused = 0  # of those, read from the file instead of run
         self.on_measure: Callable[[], None] | None = None  # told after each plan run (progress)
+
+    def keep_in(self, path, context: dict) -> None:
+        """Keep the KLs measured in the file `path` (JSON lines, appended as they are measured) and read those
+        measured there before under the same `context` (model, records, settings, `MEASURE_VERSION`); other
+        lines, and a last line cut short by a stopped run, are passed over."""
+        from pathlib import Path
+
+        path, digest = Path(path), _digest(context)
+        self._store = (path, digest)
+        if not path.is_file():
+            return
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+                if row["context"] == digest:
+                    self._stored[(row["split"], row["plan"])] = [float(v) for v in row["kl"]]
+            except (ValueError, KeyError, TypeError):
+                continue
 
     def kl(self, plan: Plan, split: str) -> list[float]:
         key = (split, _key(plan))
         if key not in self._cache:
-            self._cache[key] = self._kl(plan, split)
             self.measured[split] += 1
+            if key in self._stored:
+                self._cache[key] = self._stored.pop(key)
+                self.reused += 1
+                return self._cache[key]
+            self._cache[key] = self._kl(plan, split)
+            if self._store is not None:
+                path, digest = self._store
+                path.parent.mkdir(parents=True, exist_ok=True)
+                with path.open("a") as f:  # one whole line per write: a stopped run loses at most that line
+                    f.write(json.dumps({"context": digest, "split": split, "plan": key[1], "kl": self._cache[key]})
+                            + "\n")  # fmt: skip
             if self.on_measure:
                 self.on_measure()
         return self._cache[key]
@@ -229,6 +264,12 @@ class Measurer:
 
 def _key(plan: Plan) -> str:
     return json.dumps(plan_fields(plan), sort_keys=True)
+
+
+def _digest(context: dict) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps(context, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def encode(model, inputs: dict) -> dict:
@@ -653,9 +694,11 @@ class Composer:
     def __init__(self, model, processor, records: Sequence, *, n_score: int | None = None,
                  n_heldout: int | None = None, beam: int = BEAM, shortlist: int = SHORTLIST, step: int | None = None,
                  batch_size: int = 16, seeds: int = SEEDS, keep_shares: Sequence[float] = KEEP_SHARES,
-                 tokens: int = 1, prompt: str = "question", on_measure: Callable[[], None] | None = None):  # fmt: skip
+                 tokens: int = 1, prompt: str = "question", on_measure: Callable[[], None] | None = None,
+                 store=None):  # fmt: skip
         """`tokens`, `prompt`: what the KL is measured on (`ModelMeasurer`, `calibration_inputs`). `on_measure()` is
-        called after each plan the search runs (a progress display)."""
+        called after each plan the search runs (a progress display). `store`: a file that keeps every KL measured,
+        read back by a later composer of the same model, records and settings (`Measurer.keep_in`)."""
         from skipit.analysis import records_digest
 
         check_search(beam, shortlist, step)
@@ -670,6 +713,11 @@ class Composer:
                        "seeds": seeds, "keep_shares": list(keep_shares), "version": SEARCH_VERSION}  # fmt: skip
         self._measurer_args = (model, processor, batch_size, on_measure)
         self._measurer: ModelMeasurer | None = None
+        self.store = store
+        self.context = {"version": MEASURE_VERSION, "model": self.empty.fingerprint, "records": self.digest,
+                        "n_score": len(self.score), "tokens": tokens, "prompt": prompt, "batch_size": batch_size,
+                        "dtype": str(model.dtype), "device": str(model.device), "torch": torch.__version__,
+                        "transformers": transformers.__version__}  # fmt: skip
         self.seconds = 0.0
 
     @property
@@ -681,6 +729,8 @@ class Composer:
             self._measurer = ModelMeasurer(model, processor, self.score, self.heldout, batch_size,
                                            tokens=self.tokens, prompt=self.prompt)  # fmt: skip
             self._measurer.on_measure = on_measure
+            if self.store is not None:
+                self._measurer.keep_in(self.store, self.context)
             self.seconds += time.perf_counter() - start
         return self._measurer
 
@@ -759,6 +809,6 @@ def evidence(state: State, record: dict, measurer: Measurer, budget, kappa, sear
         "alone": alone,
         "path": record["path"],
         "calibration": {"score": [r.id for r in score], "heldout": [r.id for r in heldout]},
-        "search": {**search, "plans_measured": dict(measurer.measured)},
+        "search": {**search, "plans_measured": dict(measurer.measured), "plans_read_back": measurer.reused},
         "roles": state.plan.roles(),
     }  # fmt: skip

@@ -15,7 +15,7 @@ from pathlib import Path
 from rich.console import Console
 
 from skipit import models
-from skipit.composer import KAPPA, Composer
+from skipit.composer import KAPPA, MEASUREMENTS, Composer
 from skipit.data.jsonl import load_records
 from skipit.demo.build import ensure_built, shapes_split
 from skipit.errors import SkipitError
@@ -76,7 +76,8 @@ def run(run_dir: str | Path, config: DemoConfig | None = None, model_path: str |
     if plan is None or not plan.evidence.get("search"):  # none yet, or one of an earlier release's planner
         with progress("plan") as bar, _timed_step(console, "2/4 plan"):
             task = bar.add_task("2/4 plan: plans measured on the calibration records", total=None)
-            composer = Composer(model, processor, calib, **config.compose, on_measure=lambda: bar.advance(task))
+            composer = Composer(model, processor, calib, **config.compose, on_measure=lambda: bar.advance(task),
+                                store=run_dir / MEASUREMENTS)  # a stopped demo's search resumes from its KLs
             plan = composer.plan(kappa=config.kappa)
         plan.save(run_dir / "plan.json")
     saving = plan.evidence["flops_removed"]

@@ -235,14 +235,15 @@ def sweep_model(
     sweep.check_saved(out, sweep.run_key(vlm, records, batch_size, repeats), restart)  # before any plan runs
     plans, encoded = sweep.grid(vlm, step), None
     if result is not None:
-        from skipit.composer import Composer
+        from skipit.composer import MEASUREMENTS, Composer
 
         encoded = sweep.speed_batch(vlm, processor, records)
         calib_records = calib_records or records[:n_calib]
         with _tracker(progress, "plan") as track:  # the composed planner's search is most of this step
             advance = track("planning skipit's and the baselines' plans (plans measured)", None) if track else None
             composer = Composer(vlm, processor, calib_records, tokens=kl_tokens, prompt=kl_prompt,
-                                on_measure=(lambda: advance(1)) if advance else None)  # fmt: skip
+                                on_measure=(lambda: advance(1)) if advance else None,
+                                store=Path(out) / MEASUREMENTS)  # a stopped sweep's search resumes from its KLs
             plans |= sweep.compared_plans(vlm, processor, calib_records, result, encoded, levels, chosen,
                                           composer=composer, saved=sweep.saved_plans(out))  # fmt: skip
         sweep.save_planned(out, plans)  # the search's result survives a sweep stopped while it scores

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from skipit import baselines, prompts
 from skipit.analysis import records_digest
+from skipit.composer import MEASUREMENTS
 from skipit.errors import SkipitError
 from skipit.evaluation import caption, speed, vqa
 from skipit.flops import batch_costs, prefill_saving
@@ -202,8 +203,9 @@ def saved_files(run_dir: str | Path) -> list[Path]:
 
 def check_saved(run_dir: str | Path, key: dict, restart: bool = False) -> None:
     """Refuse RUN_DIR if it holds results measured under another key; with `restart`, delete them instead."""
-    if restart:  # captions and the saved plans too (`caption_pareto` keys its own files)
-        for path in [*(Path(run_dir) / "captions").glob("*.json"), Path(run_dir) / PLANNED]:
+    if restart:  # captions, the saved plans and the composed search's KLs too (`caption_pareto` keys its own files)
+        for path in [*(Path(run_dir) / "captions").glob("*.json"), Path(run_dir) / PLANNED,
+                     Path(run_dir) / MEASUREMENTS]:
             path.unlink(missing_ok=True)
     for path in saved_files(run_dir):
         if restart:
