@@ -43,11 +43,13 @@ backbone.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import transformers
@@ -218,8 +220,6 @@ class Measurer:
         """Keep the KLs measured in the file `path` (JSON lines, appended as they are measured) and read those
         measured there before under the same `context` (model, records, settings, `MEASURE_VERSION`); other
         lines, and a last line cut short by a stopped run, are passed over."""
-        from pathlib import Path
-
         path, digest = Path(path), _digest(context)
         self._store = (path, digest)
         if not path.is_file():
@@ -267,8 +267,6 @@ def _key(plan: Plan) -> str:
 
 
 def _digest(context: dict) -> str:
-    import hashlib
-
     return hashlib.sha256(json.dumps(context, sort_keys=True).encode()).hexdigest()[:16]
 
 
