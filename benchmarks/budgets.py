@@ -11,7 +11,8 @@ only those and the untouched model, untimed (accuracy and FLOPs), with the sweep
 rerun resumes: saved composed plans the planner would make again are not searched again, scored plans are not
 scored again (so a second run with more --methods scores only theirs). Prints, for every plan scored in --out,
 its accuracy kept and skipit's gain over each method at the same budget, with paired 95 % intervals and McNemar's p,
-and each method's largest cut keeping 99 % of the reference's accuracy; `--table` prints that and nothing else.
+and each method's largest cut keeping 99 % of the reference's accuracy (skipit's `--kappa` plan included), by
+point estimate and by the interval's upper end; `--table` prints that and nothing else.
 """
 
 from __future__ import annotations
@@ -106,9 +107,10 @@ def print_table(out: Path) -> None:
     for name, row in rows.items():
         kept = paired(base, correct(row)).kept
         method, _, budget = name.partition("@")
-        if budget:
-            budget_rows.append({"method": method, "budget": float(budget), "flops_removed": row["flops_removed"],
-                                "accuracy_kept": kept.value, "accuracy_kept_ci": [kept.low, kept.high]})  # fmt: skip
+        if budget or name == "skipit+composed":
+            budget_rows.append({"method": method, "budget": float(budget) if budget else None,
+                                "flops_removed": row["flops_removed"], "accuracy_kept": kept.value,
+                                "accuracy_kept_ci": kept.to_dict()})  # fmt: skip
         gain, p = "–", "–"
         if budget and method != "skipit" and f"skipit@{budget}" in rows:
             versus = paired(correct(row), correct(rows[f"skipit@{budget}"]))
@@ -116,9 +118,11 @@ def print_table(out: Path) -> None:
             gain, p = f"{100 * d.value:+.1f} [{100 * d.low:+.1f}, {100 * d.high:+.1f}]", f"{versus.mcnemar_p:.2g}"
         print(f"| {name} | {100 * row['flops_removed']:.1f}% | {100 * kept.value:.1f}% "
               f"[{100 * kept.low:.1f}, {100 * kept.high:.1f}] | {gain} | {p} |")  # fmt: skip
-    print(f"\nlargest cut keeping {sweep.KEPT_LEVEL:.0%} (point estimate), of the budgets scored here:")
-    for cut in sweep.largest_cut_kept(budget_rows):
-        print(f"- {cut['method']}: " + (f"{100 * cut['flops_removed']:.1f}%" if cut["budget"] is not None else "none"))
+    for by, says in (("point", "point estimate"), ("interval", "upper end of the 95 % interval: not shown below")):
+        print(f"\nlargest cut keeping {sweep.KEPT_LEVEL:.0%} ({says}), of the plans scored here:")
+        for cut in sweep.largest_cut_kept(budget_rows, by=by):
+            found = cut["plan"] is not None
+            print(f"- {cut['method']}: " + (f"{100 * cut['flops_removed']:.1f}% ({cut['plan']})" if found else "none"))
 
 
 if __name__ == "__main__":

@@ -290,11 +290,13 @@ def test_the_largest_cut_keeping_99_percent_is_a_table(make_run):
     run = make_run()
     data = json.loads((run / "sweep.json").read_text())
     data["largest_cut_kept"] = [
-        {"method": "skipit", "level": 0.99, "budget": 0.15, "flops_removed": 0.152, "accuracy_kept": 0.995,
-         "accuracy_kept_ci": {"value": 0.995, "low": 0.978, "high": 1.011, "level": 0.95}},
-        {"method": "vtw", "level": 0.99, "budget": None, "flops_removed": None, "accuracy_kept": None,
+        {"method": "skipit", "level": 0.99, "plan": "skipit@0.15", "budget": 0.15, "flops_removed": 0.152,
+         "accuracy_kept": 0.995, "accuracy_kept_ci": {"value": 0.995, "low": 0.978, "high": 1.011, "level": 0.95}},
+        {"method": "vtw", "level": 0.99, "plan": None, "budget": None, "flops_removed": None, "accuracy_kept": None,
          "accuracy_kept_ci": None}]  # fmt: skip
+    data["largest_cut_not_below"] = [{"method": "skipit", "flops_removed": 0.303}, {"method": "vtw"}]
     (run / "sweep.json").write_text(json.dumps(data))
     base = section(rep.write_report(run).read_text(), "baselines")
     assert "The largest cut that keeps 99.0% of the accuracy" in base
     assert "15.2%" in base and "[0.978, 1.011]" in base and "<td>vtw</td>" in base
+    assert "skipit@0.15" in base and "30.3%" in base and "interval reaching it" in base

@@ -417,15 +417,31 @@ def test_a_composer_knows_its_own_plans(tiny_llava, setup):
     assert not mine.made_here(plan, budget=0.2)
 
 
-def test_the_largest_cut_keeping_99_percent_is_each_methods_largest_budget_plan_that_does():
-    def row(method, budget, flops, kept):
+def test_the_largest_cut_keeping_99_percent_is_each_methods_largest_plan_that_does_kappa_plan_included():
+    def row(method, budget, flops, kept, high=None):
         return {"method": method, "budget": budget, "flops_removed": flops, "accuracy_kept": kept,
-                "accuracy_kept_ci": {"value": kept, "low": kept - 0.02, "high": kept + 0.02, "level": 0.95}}
+                "accuracy_kept_ci": {"value": kept, "low": kept - 0.02, "high": high or kept + 0.02, "level": 0.95}}
 
-    rows = [row("skipit", None, 0.4, 1.0),  # not made for a budget: not a candidate
+    rows = [row("grid", None, 0.5, 1.0),  # a plan of the grid, not made for a budget: not a candidate
             row("skipit", 0.1, 0.104, 0.995), row("skipit", 0.2, 0.203, 0.99), row("skipit", 0.3, 0.301, 0.95),
-            row("vtw", 0.1, 0.113, 0.985), row("vtw", 0.2, 0.206, 0.6)]  # fmt: skip
+            row("vtw", 0.1, 0.113, 0.985), row("vtw", 0.2, 0.206, 0.6, high=0.991)]  # fmt: skip
     cuts = {c["method"]: c for c in sweep.largest_cut_kept(rows)}
-    assert (cuts["skipit"]["budget"], cuts["skipit"]["flops_removed"]) == (0.2, 0.203)
+    assert set(cuts) == {"skipit", "vtw"}
+    assert (cuts["skipit"]["plan"], cuts["skipit"]["budget"], cuts["skipit"]["flops_removed"]) == (
+        "skipit@0.2", 0.2, 0.203)
     assert cuts["skipit"]["accuracy_kept_ci"]["low"] == pytest.approx(0.97)
-    assert cuts["vtw"]["flops_removed"] is None and cuts["vtw"]["level"] == 0.99
+    assert cuts["vtw"]["flops_removed"] is None and cuts["vtw"]["plan"] is None and cuts["vtw"]["level"] == 0.99
+    # by the interval's upper end: vtw@0.1 (high 1.005) and vtw@0.2 (high 0.991) both reach 99 %; skipit@0.3 does not
+    lenient = {c["method"]: c for c in sweep.largest_cut_kept(rows, by="interval")}
+    assert lenient["vtw"]["plan"] == "vtw@0.2" and lenient["skipit"]["plan"] == "skipit@0.2"
+    # skipit's --kappa plan (made for the largest cut within a KL) is skipit's when it cuts more and keeps 99 %
+    kappa = row("skipit+composed", None, 0.25, 0.996)
+    cuts = {c["method"]: c for c in sweep.largest_cut_kept([*rows, kappa])}
+    assert (cuts["skipit"]["plan"], cuts["skipit"]["budget"], cuts["skipit"]["flops_removed"]) == (
+        "skipit+composed", None, 0.25)
+    assert {c["method"]: c["plan"] for c in sweep.largest_cut_kept([*rows, kappa | {"accuracy_kept": 0.98}])} == {
+        "skipit": "skipit@0.2", "vtw": None}
+    with pytest.raises(ValueError, match="unknown by 'mean'; available: point, interval"):
+        sweep.largest_cut_kept(rows, by="mean")
+
+
