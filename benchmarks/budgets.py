@@ -6,12 +6,13 @@
 
 `skipit sweep` also scores the plan grid and skipit's condition plans (a dozen more plans, 3-5 min each on 1,200
 questions on a 2-core CPU); this plans what the sweep plans at each budget (`sweep.compared_plans`: the composed
-planner's `skipit@B` and the baselines' `METHOD@B`, plus the composed `--kappa` plan, `skipit+composed`) and scores
+planner's `skipit@B` and the baselines' `METHOD@B`, plus the composed `--kappa` plan, `skipit+composed`, and with
+--kappas K1,K2 more of them, `skipit+kappa=K`) and scores
 only those and the untouched model, untimed (accuracy and FLOPs), with the sweep's own `sweep.run` into --out. A
 rerun resumes: saved composed plans the planner would make again are not searched again, scored plans are not
 scored again (so a second run with more --methods scores only theirs). Prints, for every plan scored in --out,
 its accuracy kept and skipit's gain over each method at the same budget, with paired 95 % intervals and McNemar's p,
-and each method's largest cut keeping 99 % of the reference's accuracy (skipit's `--kappa` plan included), by
+and each method's largest cut keeping 99 % of the reference's accuracy (skipit's `--kappa` plans included), by
 point estimate and by the interval's upper end; `--table` prints that and nothing else.
 """
 
@@ -41,6 +42,8 @@ def main() -> int:
     ap.add_argument("--analysis", help="an analysis of the model (the baselines that read one)")
     ap.add_argument("--budgets", default="0.1,0.2,0.3,0.4,0.5")
     ap.add_argument("--methods", default="divprune", help="baselines, comma-separated")
+    ap.add_argument("--kappas", default="", help="more composed plans, at these KL limits (nats), comma-separated: "
+                                                 "skipit+kappa=K, beside the default limit's skipit+composed")
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--table", action="store_true", help="only print the table of the plans scored in --out")
     args = ap.parse_args()
@@ -52,6 +55,7 @@ def main() -> int:
         ap.error(f"{', '.join(missing)} needed (all but --out are optional only with --table)")
 
     budgets, methods = parse_budgets(args.budgets), parse_methods(args.methods)
+    kappas = parse_kappas(args.kappas)
     result = Analysis.load(args.analysis).result
     records = load_records(args.data, limit=args.n)
     calib = load_records(args.calib, limit=args.n_calib)
@@ -75,11 +79,26 @@ def main() -> int:
     plans |= {name: compared[name] for b in budgets for m in ("skipit", *methods)
               if (name := f"{m}@{b:g}") in compared}  # fmt: skip
     plans["skipit+composed"] = compared["skipit+composed"]
+    saved = sweep.saved_plans(args.out)
+    for k in kappas:  # each searched once: the measurements are the composer's, shared with the budgets'
+        old = saved.get(name := f"skipit+kappa={k:g}")
+        again = old is not None and composer.made_here(old, kappa=k)
+        plans[name] = ("skipit", old if again else composer.plan(kappa=k))
     sweep.save_planned(args.out, plans)
     sweep.run(model, processor, records, args.out, plans, analysis=None, repeats=1, encoded=encoded,
               on_plan=lambda name: print(f"scored {name}", flush=True), timed=lambda name: False)
     print_table(args.out)
     return 0
+
+
+def parse_kappas(text: str) -> list[float]:
+    try:
+        kappas = [float(k) for k in text.split(",") if k.strip()]
+    except ValueError:
+        raise SkipitError(f"--kappas takes KL limits in nats, comma-separated (like 0.01,0.03); got {text!r}") from None
+    if bad := [k for k in kappas if not k > 0]:
+        raise SkipitError(f"--kappas must be above 0; got {', '.join(f'{k:g}' for k in bad)}")
+    return kappas
 
 
 def print_table(out: Path) -> None:
@@ -88,7 +107,7 @@ def print_table(out: Path) -> None:
 
     def order(name: str) -> tuple:
         method, _, budget = name.partition("@")
-        return (name != "empty", not budget, float(budget or 0), method != "skipit", method)
+        return (name != "empty", not budget, float(budget or 0), method != "skipit", method)  # kappa plans: by name
 
     names = sorted((path.stem for path in (out / "plans").glob("*.json")), key=order)
     if "empty" not in names:
@@ -107,7 +126,7 @@ def print_table(out: Path) -> None:
     for name, row in rows.items():
         kept = paired(base, correct(row)).kept
         method, _, budget = name.partition("@")
-        if budget or name == "skipit+composed":
+        if budget or sweep.made_for_kl(name):
             budget_rows.append({"method": method, "budget": float(budget) if budget else None,
                                 "flops_removed": row["flops_removed"], "accuracy_kept": kept.value,
                                 "accuracy_kept_ci": kept.to_dict()})  # fmt: skip

@@ -441,6 +441,8 @@ def test_the_largest_cut_keeping_99_percent_is_each_methods_largest_plan_that_do
         "skipit+composed", None, 0.25)
     assert {c["method"]: c["plan"] for c in sweep.largest_cut_kept([*rows, kappa | {"accuracy_kept": 0.98}])} == {
         "skipit": "skipit@0.2", "vtw": None}
+    more = row("skipit+kappa=0.03", None, 0.27, 0.991)  # another KL limit's plan (benchmarks/budgets.py --kappas)
+    assert sweep.largest_cut_kept([*rows, kappa, more])[0]["plan"] == "skipit+kappa=0.03"
     with pytest.raises(ValueError, match="unknown by 'mean'; available: point, interval"):
         sweep.largest_cut_kept(rows, by="mean")
 

@@ -360,9 +360,15 @@ def _points(interval) -> dict:
     return {"value": points[0], "low": points[1], "high": points[2], "level": interval.level}
 
 
+def made_for_kl(name: str) -> bool:
+    """skipit's composed plans made for a KL limit (`--kappa`), not for a budget: "skipit+composed" (the default
+    limit) and "skipit+kappa=K" (`benchmarks/budgets.py --kappas`)."""
+    return name == "skipit+composed" or name.startswith("skipit+kappa=")
+
+
 def largest_cut_kept(rows: list[dict], level: float = KEPT_LEVEL, by: str = "point") -> list[dict]:
     """Per method, of its plans made for a budget (the `baselines` rows) and, for skipit, also its `--kappa` plan
-    ("skipit+composed", made to remove the most FLOPs within a KL), the one that removes the most FLOPs while keeping
+    (`made_for_kl`: made to remove the most FLOPs within a KL), the one that removes the most FLOPs while keeping
     at least `level` of the reference's accuracy, with its interval; None where none does. `by="point"`: the point
     estimate reaches `level`; `by="interval"`: the interval's upper end does (the data do not show it below `level`,
     the benefit of the doubt each method gets alike). Only the plans scored are tried: a finer grid can find more."""
@@ -370,14 +376,14 @@ def largest_cut_kept(rows: list[dict], level: float = KEPT_LEVEL, by: str = "poi
         raise ValueError(f"unknown by {by!r}; available: point, interval")
 
     def method(r: dict) -> str:
-        return "skipit" if r["method"] == "skipit+composed" else r["method"]
+        return "skipit" if made_for_kl(r["method"]) else r["method"]
 
     def reaches(r: dict) -> bool:
         if r["accuracy_kept"] is None:
             return False
         return (r["accuracy_kept_ci"]["high"] if by == "interval" else r["accuracy_kept"]) >= level
 
-    candidates = [r for r in rows if r["budget"] is not None or r["method"] == "skipit+composed"]
+    candidates = [r for r in rows if r["budget"] is not None or made_for_kl(r["method"])]
     out = []
     for name in dict.fromkeys(method(r) for r in candidates):
         best = max((r for r in candidates if method(r) == name and reaches(r)), key=lambda r: r["flops_removed"],
