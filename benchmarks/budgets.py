@@ -7,13 +7,14 @@
 `skipit sweep` also scores the plan grid and skipit's condition plans (a dozen more plans, 3-5 min each on 1,200
 questions on a 2-core CPU); this plans what the sweep plans at each budget (`sweep.compared_plans`: the composed
 planner's `skipit@B` and the baselines' `METHOD@B`, plus the composed `--kappa` plan, `skipit+composed`, and with
---kappas K1,K2 more of them, `skipit+kappa=K`) and scores
-only those and the untouched model, untimed (accuracy and FLOPs), with the sweep's own `sweep.run` into --out. A
+--kappas K1,K2 more of them, `skipit+kappa=K`) and scores only those and the untouched model, untimed (accuracy and
+FLOPs), with the sweep's own `sweep.run` into --out. A
 rerun resumes: saved composed plans the planner would make again are not searched again, scored plans are not
 scored again (so a second run with more --methods scores only theirs). Prints, for every plan scored in --out,
 its accuracy kept and skipit's gain over each method at the same budget, with paired 95 % intervals and McNemar's p,
 and each method's largest cut keeping 99 % of the reference's accuracy (skipit's `--kappa` plans included), by
-point estimate and by the interval's upper end; `--table` prints that and nothing else.
+point estimate and by the interval's upper end, and each KL-limited plan against every method's plan nearest
+in FLOPs; `--table` prints that and nothing else.
 """
 
 from __future__ import annotations
@@ -119,6 +120,12 @@ def print_table(out: Path) -> None:
         return sweep._correct(row, reference)
 
     base = correct(reference)
+
+    def gain(baseline: str, mine: str) -> str:  # skipit's plan - the baseline's, paired on the same questions
+        versus = paired(correct(rows[baseline]), correct(rows[mine]))
+        d = versus.difference
+        return f"{100 * d.value:+.1f} [{100 * d.low:+.1f}, {100 * d.high:+.1f}] | {versus.mcnemar_p:.2g}"
+
     print(f"\nreference accuracy {reference['accuracy']:.4f} on {len(base)} questions\n")
     print("| plan | FLOPs removed | accuracy kept [95 % CI] | skipit's gain, points [95 % CI] | McNemar p |")
     print("|---|---:|---:|---:|---:|")
@@ -130,13 +137,23 @@ def print_table(out: Path) -> None:
             budget_rows.append({"method": method, "budget": float(budget) if budget else None,
                                 "flops_removed": row["flops_removed"], "accuracy_kept": kept.value,
                                 "accuracy_kept_ci": kept.to_dict()})  # fmt: skip
-        gain, p = "–", "–"
-        if budget and method != "skipit" and f"skipit@{budget}" in rows:
-            versus = paired(correct(row), correct(rows[f"skipit@{budget}"]))
-            d = versus.difference
-            gain, p = f"{100 * d.value:+.1f} [{100 * d.low:+.1f}, {100 * d.high:+.1f}]", f"{versus.mcnemar_p:.2g}"
+        mine = f"skipit@{budget}"
+        versus = gain(name, mine) if budget and method != "skipit" and mine in rows else "– | –"
         print(f"| {name} | {100 * row['flops_removed']:.1f}% | {100 * kept.value:.1f}% "
-              f"[{100 * kept.low:.1f}, {100 * kept.high:.1f}] | {gain} | {p} |")  # fmt: skip
+              f"[{100 * kept.low:.1f}, {100 * kept.high:.1f}] | {versus} |")  # fmt: skip
+    # a plan made for a KL limit has no budget to pair on: each method's scored plan nearest to it in FLOPs removed
+    if kl_plans := [name for name in rows if sweep.made_for_kl(name)]:
+        print("\nskipit's plans made for a KL limit against each method's plan nearest in FLOPs removed:\n")
+        print("| skipit plan | FLOPs removed | method's plan | FLOPs removed | skipit's gain, points [95 % CI] "
+              "| McNemar p |\n|---|---:|---|---:|---:|---:|")  # fmt: skip
+        for mine in kl_plans:
+            flops = rows[mine]["flops_removed"]
+            methods = dict.fromkeys(n.partition("@")[0] for n in rows if "@" in n and not n.startswith("skipit@"))
+            for method in methods:
+                near = min((n for n in rows if n.partition("@")[0] == method),
+                           key=lambda n: abs(rows[n]["flops_removed"] - flops))  # fmt: skip
+                print(f"| {mine} | {100 * flops:.1f}% | {near} | {100 * rows[near]['flops_removed']:.1f}% | "
+                      f"{gain(near, mine)} |")  # fmt: skip
     for by, says in (("point", "point estimate"), ("interval", "upper end of the 95 % interval: not shown below")):
         print(f"\nlargest cut keeping {sweep.KEPT_LEVEL:.0%} ({says}), of the plans scored here:")
         for cut in sweep.largest_cut_kept(budget_rows, by=by):
