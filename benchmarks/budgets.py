@@ -8,9 +8,9 @@
 questions on a 2-core CPU); this plans what the sweep plans at each budget (`sweep.compared_plans`: the composed
 planner's `skipit@B` and the baselines' `METHOD@B`, plus the composed `--kappa` plan, `skipit+composed`, and with
 --kappas K1,K2 more of them, `skipit+kappa=K`) and scores only those and the untouched model, untimed (accuracy and
-FLOPs), with the sweep's own `sweep.run` into --out. A
-rerun resumes: saved composed plans the planner would make again are not searched again, scored plans are not
-scored again (so a second run with more --methods scores only theirs). Prints, for every plan scored in --out,
+FLOPs), with the sweep's own `sweep.run` into --out. A rerun resumes: saved composed plans the planner would make
+again are not searched again, scored plans are not scored again (so a second run with more --methods scores only
+theirs). Prints, for every plan scored in --out,
 its accuracy kept and skipit's gain over each method at the same budget, with paired 95 % intervals and McNemar's p,
 and each method's largest cut keeping 99 % of the reference's accuracy (skipit's `--kappa` plans included), by
 point estimate and by the interval's upper end, and each KL-limited plan against every method's plan nearest
@@ -146,9 +146,9 @@ def print_table(out: Path) -> None:
         print("\nskipit's plans made for a KL limit against each method's plan nearest in FLOPs removed:\n")
         print("| skipit plan | FLOPs removed | method's plan | FLOPs removed | skipit's gain, points [95 % CI] "
               "| McNemar p |\n|---|---:|---|---:|---:|---:|")  # fmt: skip
+        methods = dict.fromkeys(n.partition("@")[0] for n in rows if "@" in n and not n.startswith("skipit@"))
         for mine in kl_plans:
             flops = rows[mine]["flops_removed"]
-            methods = dict.fromkeys(n.partition("@")[0] for n in rows if "@" in n and not n.startswith("skipit@"))
             for method in methods:
                 near = min((n for n in rows if n.partition("@")[0] == method),
                            key=lambda n: abs(rows[n]["flops_removed"] - flops))  # fmt: skip
