@@ -1,5 +1,8 @@
 """Tiny random models built in the tests: no downloads, seconds to run."""
 
+import importlib.util
+from pathlib import Path
+
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
@@ -215,3 +218,12 @@ def invoke(*args) -> str:
     result = CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     return result.stdout  # model loading reports progress on stderr
+
+
+def benchmark_script(name: str):
+    """A script of benchmarks/ (not a package) imported as a module, to call its functions."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"{name}_benchmark", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -2,22 +2,18 @@
 method at the same budget, its KL-limited plans paired with the method's plan nearest in FLOPs, and the largest cut
 keeping 99 % by point estimate and by the interval's upper end."""
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
+from conftest import benchmark_script
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "budgets.py"
 N = 200  # questions
 
 
 @pytest.fixture(scope="module")
 def budgets():
-    spec = importlib.util.spec_from_file_location("budgets_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_script("budgets")
 
 
 def write_plan(folder: Path, name: str, flops: float, wrong: set[int]) -> None:

@@ -1,21 +1,15 @@
 """benchmarks/serving.py on a tiny random LLaVA: every plan it offers runs under generate(), and the KV cache each
 leaves measures what skipit.flops predicts (the table's "KV ratio" and "ideal KV" columns)."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "serving.py"
+from conftest import benchmark_script
 
 
 @pytest.fixture(scope="module")
 def serving():
-    spec = importlib.util.spec_from_file_location("serving_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_script("serving")
 
 
 def test_every_plan_runs_and_its_cache_is_the_predicted_size(serving, tmp_path):
